@@ -1,0 +1,1 @@
+"""deepzero applications and the ``deepzero`` command's dispatcher."""

@@ -1,0 +1,54 @@
+"""Atomic checkpoints loaded with ``weights_only=True``.
+
+A checkpoint is a dict with a ``format`` marker; it is written to a temporary file in the same
+directory, flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written
+file. Loading validates the marker: a corrupt or foreign file is a :class:`UserError` and is
+never overwritten (the caller refuses to resume from it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.runtime.errors import UserError
+
+FORMAT = "deepzero-checkpoint-v1"
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, app: str | None = None) -> dict[str, Any]:
+    """Load and validate a checkpoint; ``app`` (if given) must match the app that wrote it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle with arbitrary objects
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is unreadable (corrupt or not a deepzero checkpoint): {reason}")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is not a deepzero checkpoint (expected format {FORMAT!r})")
+    if app is not None and state.get("app") != app:
+        raise UserError(f"checkpoint {path} was written by app {state.get('app')!r}, not {app!r}")
+    return state

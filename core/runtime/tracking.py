@@ -1,0 +1,205 @@
+"""MLflow tracking as every deepzero command uses it.
+
+- Experiment ``deepzero/<app>``; params = the flattened config; tags = seed, git commit, package
+  versions and the command line; metrics are buffered and sent with ``log_batch`` (one call per
+  metric to a sqlite store costs ~10 ms); plots, tables and checkpoints are artifacts.
+- Store: ``MLFLOW_TRACKING_URI`` when set (the MLflow convention), else the embedded sqlite file
+  ``mlflow/mlflow.db`` under the project root with artifacts in ``mlflow/artifacts/``.
+
+Only ``MlflowClient`` is used (no global active run), so trackers nest and never leak state.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("torch", "torchvision", "numpy", "mlflow", "phiflow", "scipy")
+
+
+def project_root() -> Path:
+    """``$DEEPZERO_HOME``, else the checkout holding this package, else the working directory."""
+    env = os.environ.get("DEEPZERO_HOME")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve().parents[2]
+    if (here / "pyproject.toml").is_file() and (here / "core").is_dir():
+        return here
+    return Path.cwd()
+
+
+def default_store() -> tuple[str, Path]:
+    base = project_root() / "mlflow"
+    return f"sqlite:///{base / 'mlflow.db'}", base / "artifacts"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_store()[0]
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(app: str, mlclient=None) -> str:
+    """Get or create the experiment ``deepzero/<app>``; artifacts go beside the default store."""
+    mlclient = mlclient or client()
+    name = f"deepzero/{app}"
+    exp = mlclient.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        location = (default_store()[1] / app.replace("/", "_")).as_uri()
+    try:
+        return mlclient.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = mlclient.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+class Tracker:
+    """One MLflow run: params, tags, buffered metrics and artifacts.
+
+    Args:
+        app: application name; the experiment is ``deepzero/<app>``.
+        run_name: the run's display name.
+        run_id: continue this existing run (``--resume``) instead of creating one.
+        parent_run_id: make this a child run (for studies).
+        flush_every: buffered metric values sent per ``log_batch`` call.
+    """
+
+    def __init__(self, app: str, *, run_name: str | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, flush_every: int = 500) -> None:
+        self.app, self.run_name, self.parent_run_id = app, run_name, parent_run_id
+        self.flush_every = flush_every
+        self._resume_id = run_id
+        self._metrics: list[Any] = []
+        self.client = None
+        self.run_id: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Tracker":
+        from mlflow.entities import RunTag
+
+        self.client = client()
+        if self._resume_id:
+            run = self.client.get_run(self._resume_id)
+            self.run_id = run.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.resumed = True
+            return self
+        self.resumed = False
+        exp = experiment_id(self.app, self.client)
+        tags = {"deepzero.app": self.app, "deepzero.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        for name, ver in package_versions().items():
+            tags[f"version.{name}"] = ver
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        run = self.client.create_run(exp, run_name=self.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.client is None or self.run_id is None:
+            return
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> "Tracker":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.end("KILLED")
+        else:
+            self.end("FAILED")
+
+    # -- logging -----------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params (skipped when resuming: they were logged by the first process)."""
+        from mlflow.entities import Param
+
+        if getattr(self, "resumed", False):
+            return
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Buffer metric values; they are sent in batches (see ``flush``)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._metrics.append(Metric(key, float(value), now, int(step or 0)))
+        if len(self._metrics) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._metrics:
+            chunk, self._metrics = self._metrics[:1000], self._metrics[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / Path(artifact_file).name
+            target.write_text(text)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(target, None if parent == "." else parent)
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / Path(artifact_file).name
+            fig.savefig(target, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(target, None if parent == "." else parent)
