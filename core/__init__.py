@@ -1,5 +1,17 @@
-"""deepzero core: zeroth-order estimators, sparsity, the fast CGE engine, BlackBox, and the runtime."""
-from core.blackbox import BlackBox, BudgetExceeded, NotDifferentiable
-from core.estimators import CGE, ZOEstimator, batched_objective
+"""deepzero core: zeroth-order estimators, sparsity, the fast CGE engine, BlackBox, and the runtime.
 
-__all__ = ["CGE", "BlackBox", "BudgetExceeded", "NotDifferentiable", "ZOEstimator", "batched_objective"]
+Typical use reads like ordinary PyTorch with ``loss.backward()`` replaced::
+
+    from core import CGE
+    zo = CGE(model, mu=5e-3)
+    loss = zo.backward(F.cross_entropy, x, y)   # fills p.grad
+    optimizer.step()
+"""
+from core.blackbox import BlackBox, BudgetExceeded, NotDifferentiable
+from core.estimators import (CGE, RGE, Hybrid, MeZO, ZOEstimator, batched_objective, frozen_buffers,
+                             input_space_backward)
+from core.sparsity import SparsityPlan, magnitude_ratios, random_ratios, zo_grasp_ratios
+
+__all__ = ["CGE", "RGE", "MeZO", "Hybrid", "BlackBox", "BudgetExceeded", "NotDifferentiable", "ZOEstimator",
+           "batched_objective", "frozen_buffers", "input_space_backward", "SparsityPlan", "zo_grasp_ratios",
+           "random_ratios", "magnitude_ratios"]
