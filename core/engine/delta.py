@@ -1,17 +1,20 @@
 """Perturbed activations in compact form, and how each layer type propagates them.
 
-Evaluating K coordinate perturbations at once, a node's perturbed value is one of
+Evaluating K coordinate perturbations at once, a node whose cached value is ``x`` [B, C, *sp]
+(``C`` the channel or feature dim) carries one of
 
-- ``Full(t)``: ``t`` is ``[K, B, *per_sample_shape]``;
-- ``Chan(idx, v)``: the cached value ``[B, C, *spatial]`` with channel ``idx[k]`` replaced by
-  ``v[k]`` (``v``: ``[K, B, *spatial]``) — what a Conv/BN coordinate produces, and what stays true
-  through channel-wise layers (BN, activations, pooling);
-- ``Feat(cols, v)``: the cached ``[B, F]`` value with columns ``cols[k]`` (``[K, S]``) replaced by
-  ``v[k]`` (``[K, B, S]``) — what a Linear coordinate or a flattened channel produces.
+- ``Full(t)``: every value may differ; ``t`` is [K, C, B, *sp] — *perturbation-major,
+  channel-major*, so per-(k, c) statistics (train-mode BatchNorm) are contiguous row reductions
+  and channel-local layers see plain [K·C, B, ...] batches;
+- ``Chan(idx, v)``: ``x`` with channel ``idx[k]`` replaced by ``v[k]`` (``v``: [K, B, *sp]) — what
+  a Conv/BN coordinate produces, preserved by channel-wise layers (BN, activations, pooling);
+- ``Feat(cols, v)``: a [B, F] value with columns ``cols[k]`` ([K, S]) replaced by ``v[k]`` ([K, S, B])
+  — what a Linear coordinate or a flattened channel produces.
 
-A Conv2d or Linear layer receiving a Chan/Feat input only needs the *change* of that input: its
-output is the cached output plus a one-input-channel convolution (or S-column matmul) of the
-change — the exactness follows from linearity (zero padding).
+Handlers receive the cached tensors in channel-major form ``xc = x.transpose(0, 1)`` ([C, B, *sp]).
+A Conv2d/Linear layer receiving a Chan/Feat input only needs the *change* of that input: by
+linearity (zero padding) its output is the cached output plus a one-input-channel convolution
+(an im2col of the change times the matching weight slice, one batched matmul) or an S-column matmul.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from torch import nn
 
 @dataclass
 class Full:
-    t: torch.Tensor  # [K, B, ...]
+    t: torch.Tensor  # [K, C, B, *sp]  (or [K, B] for per-sample scalars)
 
     @property
     def K(self) -> int:
@@ -33,8 +36,8 @@ class Full:
 
 @dataclass
 class Chan:
-    idx: torch.Tensor  # [K] channel per perturbation
-    v: torch.Tensor    # [K, B, *spatial]
+    idx: torch.Tensor  # [K]
+    v: torch.Tensor    # [K, B, *sp]
 
     @property
     def K(self) -> int:
@@ -43,8 +46,8 @@ class Chan:
 
 @dataclass
 class Feat:
-    cols: torch.Tensor  # [K, S] feature columns per perturbation
-    v: torch.Tensor     # [K, B, S]
+    cols: torch.Tensor  # [K, S]
+    v: torch.Tensor     # [K, S, B]
 
     @property
     def K(self) -> int:
@@ -54,45 +57,51 @@ class Feat:
 Rep = Full | Chan | Feat
 
 
-def channel_of(cached: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``cached[:, idx[k]]`` stacked over k: ``[K, B, *spatial]``."""
-    return cached.transpose(0, 1).index_select(0, idx)
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, *sp] -> contiguous [C, B, *sp]; per-sample scalars [B] stay as they are."""
+    return x.transpose(0, 1).contiguous() if x.dim() >= 2 else x
 
 
-def columns_of(cached: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``cached[:, cols[k]]`` stacked over k: ``[K, B, S]``."""
-    K, S = cols.shape
-    return cached.index_select(1, cols.reshape(-1)).reshape(cached.shape[0], K, S).transpose(0, 1)
+def batch_major(t: torch.Tensor) -> torch.Tensor:
+    """Full layout [K, C, B, *sp] -> [K, B, C, *sp] (a view)."""
+    return t.transpose(1, 2) if t.dim() >= 3 else t
 
 
-def materialize(rep: Rep, cached: torch.Tensor) -> torch.Tensor:
-    """The full perturbed tensor ``[K, B, ...]``."""
+def from_batch_major(t: torch.Tensor) -> torch.Tensor:
+    """[K, B, C, *sp] -> Full layout [K, C, B, *sp] (contiguous)."""
+    return t.transpose(1, 2).contiguous() if t.dim() >= 3 else t
+
+
+def materialize(rep: Rep, xc: torch.Tensor) -> torch.Tensor:
+    """The full perturbed tensor in Full layout, from the cached channel-major ``xc``."""
     if isinstance(rep, Full):
         return rep.t
     K = rep.K
-    t = cached.unsqueeze(0).repeat(K, *([1] * cached.dim()))  # [K, B, ...]
-    ar = torch.arange(K, device=cached.device)
+    t = xc.unsqueeze(0).repeat(K, *([1] * xc.dim()))
+    ar = torch.arange(K, device=xc.device)
     if isinstance(rep, Chan):
-        t.transpose(1, 2)[ar, rep.idx] = rep.v
+        t[ar, rep.idx] = rep.v
     else:
-        t.transpose(1, 2)[ar.unsqueeze(1), rep.cols] = rep.v.transpose(1, 2)
+        t[ar.unsqueeze(1), rep.cols] = rep.v
     return t
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
-def _unflat(t: torch.Tensor, K: int) -> torch.Tensor:
-    return t.reshape(K, t.shape[0] // K, *t.shape[1:])
+def apply(rep: Rep, fn) -> Rep:
+    """An element-wise function on whatever values a rep carries."""
+    if isinstance(rep, Full):
+        return Full(fn(rep.t))
+    return Chan(rep.idx, fn(rep.v)) if isinstance(rep, Chan) else Feat(rep.cols, fn(rep.v))
 
 
 # ---------------------------------------------------------------------------------------------
 # channel-wise layers
-ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Softplus,
-               nn.Hardtanh, nn.Hardswish, nn.Mish, nn.Identity)
-POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d,
-         nn.AdaptiveAvgPool1d)
+ELEMENTWISE = (nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Softplus,
+               nn.Hardtanh, nn.Hardswish, nn.Mish)
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _pair(a):
+    return tuple(a) if isinstance(a, (tuple, list)) else (a, a)
 
 
 def maxpool2x2(v: torch.Tensor) -> torch.Tensor:
@@ -104,177 +113,193 @@ def maxpool2x2(v: torch.Tensor) -> torch.Tensor:
 
 
 def _is_plain_2x2(m: nn.Module) -> bool:
-    def pair(a):
-        return a if isinstance(a, tuple) else (a, a)
-
-    return (isinstance(m, nn.MaxPool2d) and pair(m.kernel_size) == (2, 2) and pair(m.stride) == (2, 2)
-            and pair(m.padding) == (0, 0) and pair(m.dilation) == (1, 1) and not m.ceil_mode
+    return (isinstance(m, nn.MaxPool2d) and _pair(m.kernel_size) == (2, 2) and _pair(m.stride or 2) == (2, 2)
+            and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
             and not m.return_indices)
 
 
-def pool_channel(m: nn.Module, v: torch.Tensor) -> torch.Tensor:
-    """Apply a channel-local pooling module to one channel per perturbation: ``[K, B, *sp]``."""
+def pool(m: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """A channel-local 2-D pooling module on [N, *, H, W] (any number of leading dims)."""
     if _is_plain_2x2(m):
         return maxpool2x2(v)
-    K, B = v.shape[:2]
-    out = m(v.reshape(K * B, 1, *v.shape[2:]))
-    return out.reshape(K, B, *out.shape[2:])
+    lead = v.shape[:-2]
+    out = m(v.reshape(-1, 1, *v.shape[-2:]))
+    return out.reshape(*lead, *out.shape[-2:])
 
 
 def bn_uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
     return m.training or m.running_mean is None
 
 
-def bn_channel(m: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """BatchNorm of one channel per perturbation, ``v``: [K, B, *sp] (channel idx[k])."""
-    shape = (v.shape[0],) + (1,) * (v.dim() - 1)
+def bn_rows(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
+    """BatchNorm of ``rows`` [R, N]: row r holds all N = B·|sp| values of layer channel ``ch[r]``.
+
+    Train mode normalises each row by its own (biased) batch statistics, i.e. per perturbation,
+    exactly as a separate forward of that perturbed model would.
+    """
     if bn_uses_batch_stats(m):
-        dims = tuple(range(1, v.dim()))
-        mean = v.mean(dim=dims, keepdim=True)
-        var = v.var(dim=dims, unbiased=False, keepdim=True)
-    else:
-        mean = m.running_mean[idx].reshape(shape)
-        var = m.running_var[idx].reshape(shape)
-    out = (v - mean) * torch.rsqrt(var + m.eps)
+        n = rows.shape[1]
+        out = rows - (rows.sum(1, keepdim=True) / n)                           # centred [R, N]
+        var = torch.linalg.vector_norm(out, dim=1).square_() / n
+        scale = torch.rsqrt(var + m.eps)
+        if m.affine:
+            scale = scale * m.weight.index_select(0, ch)
+        out.mul_(scale.unsqueeze(1))
+        if m.affine:
+            out.add_(m.bias.index_select(0, ch).unsqueeze(1))
+        return out
+    scale = torch.rsqrt(m.running_var.index_select(0, ch) + m.eps)
     if m.affine:
-        out = out * m.weight[idx].reshape(shape) + m.bias[idx].reshape(shape)
-    return out
+        scale = scale * m.weight.index_select(0, ch)
+    shift = -m.running_mean.index_select(0, ch) * scale
+    if m.affine:
+        shift = shift + m.bias.index_select(0, ch)
+    return torch.addcmul(shift.unsqueeze(1), rows, scale.unsqueeze(1))
 
 
-def bn_columns(m: nn.modules.batchnorm._BatchNorm, cols: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """BatchNorm1d on [B, F] restricted to columns ``cols`` [K, S]; ``v``: [K, B, S]."""
+def bn_normalized_input(m: nn.modules.batchnorm._BatchNorm, xc: torch.Tensor) -> torch.Tensor:
+    """x̂ of the cached input (channel-major [C, B, *sp]), the coefficient of a γ perturbation."""
+    C = xc.shape[0]
+    rows = xc.reshape(C, -1)
     if bn_uses_batch_stats(m):
-        mean = v.mean(dim=1, keepdim=True)
-        var = v.var(dim=1, unbiased=False, keepdim=True)
-    else:
-        mean = m.running_mean[cols].unsqueeze(1)
-        var = m.running_var[cols].unsqueeze(1)
-    out = (v - mean) * torch.rsqrt(var + m.eps)
-    if m.affine:
-        out = out * m.weight[cols].unsqueeze(1) + m.bias[cols].unsqueeze(1)
-    return out
-
-
-def bn_full(m: nn.modules.batchnorm._BatchNorm, t: torch.Tensor) -> torch.Tensor:
-    """BatchNorm with per-perturbation batch statistics, ``t``: [K, B, C, *sp]."""
-    C = t.shape[2]
-    shape = (1, 1, C) + (1,) * (t.dim() - 3)
-    if bn_uses_batch_stats(m):
-        dims = (1,) + tuple(range(3, t.dim()))
-        mean = t.mean(dim=dims, keepdim=True)
-        var = t.var(dim=dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
-    out = (t - mean) * torch.rsqrt(var + m.eps)
-    if m.affine:
-        out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
-    return out
+        c = rows - rows.mean(1, keepdim=True)
+        var = c.square().mean(1, keepdim=True)
+        return (c * torch.rsqrt(var + m.eps)).reshape(xc.shape)
+    return ((rows - m.running_mean.unsqueeze(1)) * torch.rsqrt(m.running_var.unsqueeze(1) + m.eps)).reshape(xc.shape)
 
 
 # ---------------------------------------------------------------------------------------------
-# module handlers: (module, rep, cached_in, cached_out) -> rep, or None when not handled
 def conv2d_supported(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
 
 
-def propagate_module(m: nn.Module, rep: Rep, cached_in: torch.Tensor, cached_out: torch.Tensor) -> Rep | None:
-    if isinstance(m, ELEMENTWISE) or (isinstance(m, nn.Dropout) and not m.training):
-        if isinstance(rep, Full):
-            return Full(m(rep.t))
-        return Chan(rep.idx, m(rep.v)) if isinstance(rep, Chan) else Feat(rep.cols, m(rep.v))
+def conv_single_channel(m: nn.Conv2d, delta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Output change [K, Cout, B, H', W'] when input channel idx[k] changes by delta[k] ([K, B, H, W]).
+
+    im2col of the one changed channel ([K, kh·kw, B·L]) times the weight slice W[:, idx[k]] —
+    one batched matmul; cost K·Cout·kh·kw·B·L multiply-adds, the floor for this change.
+    """
+    K, B, H, W = delta.shape
+    (kh, kw), (sh, sw) = _pair(m.kernel_size), _pair(m.stride)
+    (ph, pw), (dh, dw) = _pair(m.padding), _pair(m.dilation)
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    dp = F.pad(delta, (pw, pw, ph, ph)) if (ph or pw) else delta
+    cols = [dp[:, :, i * dh: i * dh + sh * (Ho - 1) + 1: sh, j * dw: j * dw + sw * (Wo - 1) + 1: sw]
+            for i in range(kh) for j in range(kw)]
+    U = torch.stack(cols, 1).reshape(K, kh * kw, B * Ho * Wo)                  # [K, P, B·L]
+    w = m.weight.index_select(1, idx).permute(1, 0, 2, 3).reshape(K, m.out_channels, kh * kw)
+    return torch.bmm(w, U).reshape(K, m.out_channels, B, Ho, Wo)
+
+
+def conv_full(m: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
+    K, C, B = t.shape[:3]
+    x = t.transpose(1, 2).reshape(K * B, C, *t.shape[3:])
+    out = m(x)
+    return out.reshape(K, B, *out.shape[1:]).transpose(1, 2).contiguous()
+
+
+def propagate_module(m: nn.Module, rep: Rep, xc: torch.Tensor, yc: torch.Tensor, per_sample_dims: int,
+                     inplace: bool = False) -> Rep | None:
+    """The perturbed output of module ``m`` (None: no closed form here; the caller falls back).
+
+    ``xc``/``yc``: cached input/output, channel-major; ``per_sample_dims``: dims of one sample's input.
+    """
+    if isinstance(m, nn.ReLU):
+        return apply(rep, lambda a: F.relu(a, inplace=inplace))
+    if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
+        return rep
+    if isinstance(m, ELEMENTWISE):
+        return apply(rep, m)
     if isinstance(m, POOLS):
-        if isinstance(rep, Chan):
-            return Chan(rep.idx, pool_channel(m, rep.v))
-        if isinstance(rep, Full):
-            return Full(_unflat(m(_flat(rep.t)), rep.K))
-        return None
+        if per_sample_dims != 3 or isinstance(rep, Feat):
+            return None
+        return Chan(rep.idx, pool(m, rep.v)) if isinstance(rep, Chan) else Full(pool(m, rep.t))
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         if isinstance(rep, Chan):
-            return Chan(rep.idx, bn_channel(m, rep.idx, rep.v))
-        if isinstance(rep, Feat) and cached_in.dim() == 2:
-            return Feat(rep.cols, bn_columns(m, rep.cols, rep.v))
-        if isinstance(rep, Full):
-            return Full(bn_full(m, rep.t))
+            return Chan(rep.idx, bn_rows(m, rep.v.reshape(rep.K, -1), rep.idx).reshape(rep.v.shape))
+        if isinstance(rep, Feat):
+            return Feat(rep.cols, bn_rows(m, rep.v.reshape(-1, rep.v.shape[2]), rep.cols.reshape(-1))
+                        .reshape(rep.v.shape))
+        if per_sample_dims >= 1:
+            K, C = rep.t.shape[:2]
+            ch = torch.arange(C, device=rep.t.device).repeat(K)
+            return Full(bn_rows(m, rep.t.reshape(K * C, -1), ch).reshape(rep.t.shape))
         return None
     if isinstance(m, nn.Flatten):
         if m.start_dim != 1 or m.end_dim != -1:
             return None
         if isinstance(rep, Chan):
+            K, B = rep.v.shape[:2]
             S = rep.v[0, 0].numel()
             cols = rep.idx.unsqueeze(1) * S + torch.arange(S, device=rep.idx.device)
-            return Feat(cols, rep.v.reshape(rep.K, rep.v.shape[1], S))
+            v = rep.v.reshape(K, B, S)
+            return Feat(cols, v.transpose(1, 2).contiguous() if S > 1 else v.reshape(K, 1, B))
         if isinstance(rep, Full):
-            return Full(rep.t.flatten(2))
+            K, C, B = rep.t.shape[:3]
+            return Full(rep.t.movedim(2, -1).reshape(K, -1, B))
         return rep
     if conv2d_supported(m):
         if isinstance(rep, Chan):
-            K, B = rep.v.shape[:2]
-            delta = (rep.v - channel_of(cached_in, rep.idx)).transpose(0, 1)   # [B, K, H, W]
-            w = m.weight.index_select(1, rep.idx).transpose(0, 1)              # [K, Cout, kh, kw]
-            w = w.reshape(K * m.out_channels, 1, *m.kernel_size)
-            out = F.conv2d(delta, w, None, m.stride, m.padding, m.dilation, groups=K)  # [B, K*Cout, H', W']
-            out = out.reshape(B, K, m.out_channels, *out.shape[2:]).transpose(0, 1)
-            return Full(out + cached_out.unsqueeze(0))
+            delta = rep.v - xc.index_select(0, rep.idx)                          # [K, B, H, W]
+            return Full(conv_single_channel(m, delta, rep.idx).add_(yc.unsqueeze(0)))
         if isinstance(rep, Full):
-            return Full(_unflat(m(_flat(rep.t)), rep.K))
+            return Full(conv_full(m, rep.t))
         return None
     if isinstance(m, nn.Linear):
-        if isinstance(rep, Feat) and cached_in.dim() == 2:
-            delta = rep.v - columns_of(cached_in, rep.cols)                   # [K, B, S]
-            w = m.weight[:, rep.cols].permute(1, 0, 2)                          # [K, Cout, S]
-            return Full(cached_out.unsqueeze(0) + torch.bmm(delta, w.transpose(1, 2)))
+        if isinstance(rep, Feat) and per_sample_dims == 1:
+            delta = rep.v - xc[rep.cols]                                         # [K, S, B]
+            w = m.weight[:, rep.cols].transpose(0, 1)                            # [K, O, S]
+            return Full(torch.bmm(w, delta).add_(yc.unsqueeze(0)))
         if isinstance(rep, Full):
-            return Full(m(rep.t))
+            if per_sample_dims == 1:                                             # t: [K, F, B]
+                out = torch.matmul(m.weight, rep.t)
+                return Full(out.add_(m.bias.unsqueeze(1)) if m.bias is not None else out)
+            return Full(m(rep.t))                                                # feature dim is last
         return None
     return None
 
 
 # ---------------------------------------------------------------------------------------------
 # perturbation sources: coordinates of a layer's own parameters
-def conv_weight_source(m: nn.Conv2d, flat_idx: torch.Tensor, mu: float, patches: torch.Tensor,
-                       cached_out: torch.Tensor) -> Chan:
-    """W[o, c, i, j] += mu changes output channel o by mu times the (i, j)-shifted input channel c.
+def conv_weight_source(m: nn.Conv2d, flat_idx: torch.Tensor, h: float, patches: torch.Tensor,
+                       yc: torch.Tensor) -> Chan:
+    """W[o, c, i, j] += h changes output channel o by h times the (i, j)-shifted input channel c.
 
-    ``patches``: ``F.unfold`` of the cached input, [B, C*kh*kw, L].
+    ``patches``: im2col of the cached input in layout [C·kh·kw, B, H', W'].
     """
     per_out = m.weight[0].numel()
     o = torch.div(flat_idx, per_out, rounding_mode="floor")
-    rows = flat_idx - o * per_out                                               # c*kh*kw + i*kw + j
-    shifted = patches.index_select(1, rows).transpose(0, 1)                     # [K, B, L]
-    shifted = shifted.reshape(len(flat_idx), cached_out.shape[0], *cached_out.shape[2:])
-    return Chan(o, channel_of(cached_out, o) + mu * shifted)
+    rows = flat_idx - o * per_out                                                # c·kh·kw + i·kw + j
+    return Chan(o, torch.add(yc.index_select(0, o), patches.index_select(0, rows), alpha=h))
 
 
-def bias_source(flat_idx: torch.Tensor, mu: float, cached_out: torch.Tensor) -> Rep:
-    if cached_out.dim() == 2:
-        return Feat(flat_idx.unsqueeze(1), columns_of(cached_out, flat_idx.unsqueeze(1)) + mu)
-    return Chan(flat_idx, channel_of(cached_out, flat_idx) + mu)
+def conv_patches(m: nn.Conv2d, x: torch.Tensor, yshape: torch.Size) -> torch.Tensor:
+    """im2col of the cached input ``x`` [B, C, H, W] as [C·kh·kw, B, H', W']."""
+    U = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)             # [B, CKK, L]
+    return U.transpose(0, 1).reshape(U.shape[1], x.shape[0], *yshape[2:]).contiguous()
 
 
-def linear_weight_source(m: nn.Linear, flat_idx: torch.Tensor, mu: float, cached_in: torch.Tensor,
-                         cached_out: torch.Tensor) -> Feat:
-    """W[i, j] += mu changes output unit i by mu * x_j."""
+def bias_source(flat_idx: torch.Tensor, h: float, yc: torch.Tensor, per_sample_dims: int) -> Rep:
+    if per_sample_dims == 1:
+        return Feat(flat_idx.unsqueeze(1), (yc.index_select(0, flat_idx) + h).unsqueeze(1))
+    return Chan(flat_idx, yc.index_select(0, flat_idx) + h)
+
+
+def linear_weight_source(m: nn.Linear, flat_idx: torch.Tensor, h: float, xc: torch.Tensor,
+                         yc: torch.Tensor) -> Feat:
+    """W[i, j] += h changes output unit i by h·x_j."""
     i = torch.div(flat_idx, m.in_features, rounding_mode="floor")
     j = flat_idx - i * m.in_features
-    cols = i.unsqueeze(1)                                                        # [K, 1]
-    v = columns_of(cached_out, cols) + mu * cached_in.index_select(1, j).transpose(0, 1).unsqueeze(2)
-    return Feat(cols, v)
+    v = torch.add(yc.index_select(0, i), xc.index_select(0, j), alpha=h)        # [K, B]
+    return Feat(i.unsqueeze(1), v.unsqueeze(1))
 
 
-def bn_weight_source(flat_idx: torch.Tensor, mu: float, xhat: torch.Tensor, cached_out: torch.Tensor) -> Rep:
-    """gamma[c] += mu changes channel c by mu * x̂_c (the normalised input)."""
-    if cached_out.dim() == 2:
-        cols = flat_idx.unsqueeze(1)
-        return Feat(cols, columns_of(cached_out, cols) + mu * columns_of(xhat, cols))
-    return Chan(flat_idx, channel_of(cached_out, flat_idx) + mu * channel_of(xhat, flat_idx))
-
-
-def bn_normalized_input(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    dims = (0,) + tuple(range(2, x.dim()))
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if bn_uses_batch_stats(m):
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
-    return (x - mean) * torch.rsqrt(var + m.eps)
+def bn_weight_source(flat_idx: torch.Tensor, h: float, xhat_c: torch.Tensor, yc: torch.Tensor,
+                     per_sample_dims: int) -> Rep:
+    """γ[c] += h changes channel c by h·x̂_c (the normalised input)."""
+    v = torch.add(yc.index_select(0, flat_idx), xhat_c.index_select(0, flat_idx), alpha=h)
+    if per_sample_dims == 1:
+        return Feat(flat_idx.unsqueeze(1), v.unsqueeze(1))
+    return Chan(flat_idx, v)

@@ -64,7 +64,7 @@ class FastCGE:
     """
 
     def __init__(self, model: nn.Module, named_params: list[tuple[str, nn.Parameter]], *,
-                 max_elems: int = 1 << 24) -> None:
+                 max_elems: int = 1 << 21) -> None:
         traced = trace_model(model)
         if traced is None:
             raise TypeError("model is not traceable")
@@ -135,74 +135,75 @@ class FastCGE:
         return env
 
     # -- perturbed propagation -------------------------------------------------------------------
-    def _generic(self, node: fx.Node, env, changed: dict[fx.Node, D.Rep], K: int) -> D.Full:
+    def _generic(self, node: fx.Node, env, envc, changed: dict[fx.Node, D.Rep], K: int) -> D.Full:
         """Any node: run it once per perturbation on materialised inputs (always exact)."""
-        full = {n: D.materialize(r, env[n]) for n, r in changed.items() if n in self._inputs(node)}
+        full = {n: D.materialize(r, envc[n]) for n, r in changed.items() if n in node.all_input_nodes}
         outs = []
         for k in range(K):
             def val(n):
-                return full[n][k] if n in full else env[n]
+                if n not in full:
+                    return env[n]
+                t = full[n][k]
+                return t.transpose(0, 1) if t.dim() >= 2 else t
             args, kwargs = _map(node.args, val), _map(node.kwargs, val)
             if node.op == "call_module":
-                outs.append(self.root.get_submodule(node.target)(*args, **kwargs))
+                out = self.root.get_submodule(node.target)(*args, **kwargs)
             elif node.op == "call_function":
-                outs.append(node.target(*args, **kwargs))
+                out = node.target(*args, **kwargs)
             else:
-                outs.append(getattr(args[0], node.target)(*args[1:], **kwargs))
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            outs.append(D.channel_major(out))
         return D.Full(torch.stack(outs))
 
-    @staticmethod
-    def _inputs(node: fx.Node) -> list[fx.Node]:
-        return list(node.all_input_nodes)
-
-    def _propagate_node(self, node: fx.Node, env, changed: dict[fx.Node, D.Rep], K: int) -> D.Rep | None:
-        ins = [n for n in self._inputs(node) if n in changed]
-        if not ins:
+    def _propagate_node(self, node: fx.Node, env, envc, changed: dict[fx.Node, D.Rep], K: int) -> D.Rep | None:
+        if not any(n in changed for n in node.all_input_nodes):
             return None
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             return None  # shapes do not change
         if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
             return None
+        single = len(node.args) == 1 and not node.kwargs
         if node.op == "call_module":
             m = self.root.get_submodule(node.target)
-            if isinstance(m, BlackBox) and len(node.args) == 1 and not node.kwargs:
-                t = D.materialize(changed[node.args[0]], env[node.args[0]])
-                out = m(t.reshape(-1, *t.shape[2:]))                        # one call, K·B queries
-                return D.Full(out.reshape(K, -1, *out.shape[1:]))
-            if len(node.args) == 1 and not node.kwargs and node.args[0] in changed:
-                rep = D.propagate_module(m, changed[node.args[0]], env[node.args[0]], env[node])
+            src = node.args[0] if node.args else None
+            if isinstance(m, BlackBox) and single:
+                t = D.batch_major(D.materialize(changed[src], envc[src]))          # [K, B, ...]
+                out = m(t.reshape(-1, *t.shape[2:]))                                # one call, K·B queries
+                return D.Full(D.from_batch_major(out.reshape(K, -1, *out.shape[1:])))
+            if single and src in changed and isinstance(env[src], torch.Tensor):
+                rep = D.propagate_module(m, changed[src], envc[src], envc[node], env[src].dim() - 1,
+                                         inplace=len(src.users) == 1)
                 if rep is not None:
                     return rep
         elif node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
             if isinstance(a, fx.Node) and isinstance(b, fx.Node):
                 if a in changed and b in changed:
-                    return D.Full(D.materialize(changed[a], env[a]) + D.materialize(changed[b], env[b]))
+                    return D.Full(D.materialize(changed[a], envc[a]) + D.materialize(changed[b], envc[b]))
                 src, other = (a, b) if a in changed else (b, a)
-                rep, o = changed[src], env[other]
-                if isinstance(o, torch.Tensor) and o.shape == env[src].shape:
+                rep, o = changed[src], envc[other]
+                if isinstance(o, torch.Tensor) and env[other].shape == env[src].shape:
                     if isinstance(rep, D.Chan):
-                        return D.Chan(rep.idx, rep.v + D.channel_of(o, rep.idx))
+                        return D.Chan(rep.idx, rep.v + o.index_select(0, rep.idx))
                     if isinstance(rep, D.Feat):
-                        return D.Feat(rep.cols, rep.v + D.columns_of(o, rep.cols))
+                        return D.Feat(rep.cols, rep.v + o[rep.cols])
                     return D.Full(rep.t + o.unsqueeze(0))
-        elif (node.op == "call_function" and node.target in _RELU) or (
-                node.op == "call_method" and node.target == "relu"):
-            rep = changed[node.args[0]]
-            if len(node.args) == 1 and not node.kwargs:
-                if isinstance(rep, D.Full):
-                    return D.Full(F.relu(rep.t))
-                return D.Chan(rep.idx, F.relu(rep.v)) if isinstance(rep, D.Chan) else D.Feat(rep.cols, F.relu(rep.v))
+        elif ((node.op == "call_function" and node.target in _RELU) or (
+                node.op == "call_method" and node.target == "relu")) and single:
+            return D.apply(changed[node.args[0]],
+                           lambda a: F.relu(a, inplace=len(node.args[0].users) == 1))
         elif (node.op == "call_function" and node.target is torch.flatten) or (
                 node.op == "call_method" and node.target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            src = node.args[0]
             if start == 1 and len(node.args) <= 2 and set(node.kwargs) <= {"start_dim"}:
-                rep = D.propagate_module(nn.Flatten(), changed[node.args[0]], env[node.args[0]], env[node])
+                rep = D.propagate_module(nn.Flatten(), changed[src], envc[src], envc[node], env[src].dim() - 1)
                 if rep is not None:
                     return rep
-        return self._generic(node, env, changed, K)
+        return self._generic(node, env, envc, changed, K)
 
     def _losses(self, loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Losses [K] from the perturbed outputs ``out`` [K, B, ...]."""
         if self._vmap_ok is not False:
             try:
                 losses = torch.vmap(loss_fn, in_dims=(0, None))(out, y)
@@ -213,27 +214,39 @@ class FastCGE:
         return torch.stack([loss_fn(out[k], y).reshape(()) for k in range(out.shape[0])])
 
     def _downstream_width(self, node: fx.Node, env) -> int:
-        """Largest per-sample activation after ``node`` (bounds the chunk size K)."""
-        start = self.order[node]
-        sizes = [env[n][0].numel() for n in self.nodes[start:] if isinstance(env.get(n), torch.Tensor)
-                 and env[n].dim() > 0]
-        return max(sizes) if sizes else 1
+        """Per-sample elements of the widest *fully perturbed* activation after ``node``.
 
-    def evaluate(self, node: fx.Node, rep: D.Rep, env, loss_fn, y) -> torch.Tensor:
+        Until the first channel-mixing layer a coordinate's change stays in one channel, so those
+        nodes count one channel only. Bounds the chunk size K (keeps batches cache-sized).
+        """
+        channel_local = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                         nn.Identity, nn.Flatten, *D.ELEMENTWISE)
+        mixed, widest = False, 1
+        for n in self.nodes[self.order[node]:]:
+            v = env.get(n)
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                continue
+            size = v[0].numel()
+            widest = max(widest, size if mixed else size // max(1, v.shape[1] if v.dim() > 1 else 1))
+            local = n is node or (n.op == "call_module" and isinstance(self.root.get_submodule(n.target),
+                                                                         channel_local))
+            mixed = mixed or not local
+        return widest
+
+    def evaluate(self, node: fx.Node, rep: D.Rep, env, envc, loss_fn, y) -> torch.Tensor:
         """Losses [K] of K perturbations whose effect at ``node`` is ``rep``."""
         K = rep.K
         changed: dict[fx.Node, D.Rep] = {node: rep}
-        out_node = self.nodes[-1]
         for n in self.nodes[self.order[node] + 1:]:
             if n.op == "output":
                 src = n.args[0]
                 if src not in changed:
                     return self._losses(loss_fn, env[src].unsqueeze(0).expand(K, *env[src].shape), y)
-                return self._losses(loss_fn, D.materialize(changed[src], env[src]), y)
-            r = self._propagate_node(n, env, changed, K)
+                return self._losses(loss_fn, D.batch_major(D.materialize(changed[src], envc[src])), y)
+            r = self._propagate_node(n, env, envc, changed, K)
             if r is not None:
                 changed[n] = r
-        raise AssertionError(f"graph has no output after {node} ({out_node})")
+        raise AssertionError(f"graph has no output after {node}")
 
     # -- the estimate ------------------------------------------------------------------------------
     def estimate(self, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, mu: float, central: bool,
@@ -245,33 +258,36 @@ class FastCGE:
         if not isinstance(out, torch.Tensor):
             raise TypeError("model output is not a tensor")
         loss0 = loss_fn(out, y).reshape(())
+        envc = {n: D.channel_major(v) for n, v in env.items() if isinstance(v, torch.Tensor) and v.dim() >= 1}
         with frozen_buffers(self.root):
-            grads, evals = self._estimate(env, loss_fn, y, mu, central, active, full_forward, loss0, chunk)
+            grads, evals = self._estimate(env, envc, loss_fn, y, mu, central, active, full_forward, loss0, chunk)
         return loss0.detach(), grads, evals * x.shape[0]
 
-    def _estimate(self, env, loss_fn, y, mu, central, active, full_forward, loss0, chunk):
+    def _estimate(self, env, envc, loss_fn, y, mu, central, active, full_forward, loss0, chunk):
         B = env[self.nodes[0]].shape[0]
         grads: list[torch.Tensor] = []
         evals = 0
-        patches: dict[fx.Node, torch.Tensor] = {}
-        xhats: dict[fx.Node, torch.Tensor] = {}
+        prepared: dict[fx.Node, torch.Tensor] = {}
         signs = (1.0, -1.0) if central else (1.0,)
         for (name, p, node, kind), idx in zip(self.plan, active):
             g = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            grads.append(g)
             if idx.numel() == 0:
-                grads.append(g)
                 continue
+            dims = env[node.args[0]].dim() - 1 if node is not None else 0
+            if kind in ("lin_w", "bias") and isinstance(self.root.get_submodule(node.target), nn.Linear) \
+                    and dims != 1:
+                kind = "layer"   # Linear on [B, ..., F]: no closed form here
             if kind in ("model", "layer"):
-                g[idx] = self._inplace(p, idx, node, env, loss_fn, y, mu, central, loss0, full_forward)
+                g[idx] = self._inplace(p, idx, node, env, envc, loss_fn, y, mu, central, loss0, full_forward)
                 evals += idx.numel() * len(signs)
-                grads.append(g)
                 continue
             m = self.root.get_submodule(node.target)
-            cin, cout = env[node.args[0]], env[node]
-            if kind == "conv_w" and node not in patches:
-                patches[node] = F.unfold(cin, m.kernel_size, m.dilation, m.padding, m.stride)
-            if kind == "bn_w" and node not in xhats:
-                xhats[node] = D.bn_normalized_input(m, cin)
+            src = node.args[0]
+            if kind == "conv_w" and node not in prepared:
+                prepared[node] = D.conv_patches(m, env[src], env[node].shape)
+            if kind == "bn_w" and node not in prepared:
+                prepared[node] = D.bn_normalized_input(m, envc[src])
             width = self._downstream_width(node, env)
             K = chunk or max(1, min(4096, self.max_elems // max(1, B * width)))
             for s in range(0, idx.numel(), K):
@@ -280,20 +296,19 @@ class FastCGE:
                 for sign in signs:
                     h = sign * mu
                     if kind == "conv_w":
-                        rep = D.conv_weight_source(m, sub, h, patches[node], cout)
+                        rep = D.conv_weight_source(m, sub, h, prepared[node], envc[node])
                     elif kind == "lin_w":
-                        rep = D.linear_weight_source(m, sub, h, cin, cout)
+                        rep = D.linear_weight_source(m, sub, h, envc[src], envc[node])
                     elif kind == "bn_w":
-                        rep = D.bn_weight_source(sub, h, xhats[node], cout)
+                        rep = D.bn_weight_source(sub, h, prepared[node], envc[node], dims)
                     else:
-                        rep = D.bias_source(sub, h, cout)
-                    losses.append(self.evaluate(node, rep, env, loss_fn, y))
+                        rep = D.bias_source(sub, h, envc[node], dims)
+                    losses.append(self.evaluate(node, rep, env, envc, loss_fn, y))
                 g[sub] = ((losses[0] - losses[1]) / (2 * mu) if central else (losses[0] - loss0) / mu).to(g.dtype)
                 evals += sub.numel() * len(signs)
-            grads.append(g)
         return grads, evals
 
-    def _inplace(self, p, idx, node, env, loss_fn, y, mu, central, loss0, full_forward) -> torch.Tensor:
+    def _inplace(self, p, idx, node, env, envc, loss_fn, y, mu, central, loss0, full_forward) -> torch.Tensor:
         """Perturb ``p`` in place one coordinate at a time; recompute from its layer (or everything)."""
         flat = p.data.view(-1)
         out = torch.empty(idx.numel(), dtype=p.dtype, device=p.device)
@@ -305,8 +320,8 @@ class FastCGE:
                 if node is None:
                     vals.append(full_forward().reshape(()))
                 else:
-                    value = self._run(node, env, None)
-                    vals.append(self.evaluate(node, D.Full(value.unsqueeze(0)), env, loss_fn, y)[0])
+                    value = D.channel_major(self._run(node, env, None))
+                    vals.append(self.evaluate(node, D.Full(value.unsqueeze(0)), env, envc, loss_fn, y)[0])
             flat[j] = old
             out[k] = (vals[0] - vals[1]) / (2 * mu) if central else (vals[0] - loss0) / mu
         return out
