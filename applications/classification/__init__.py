@@ -1,0 +1,1 @@
+"""Classification from scratch by ZO training (DeepZero's headline experiment) and the CGE/RGE/FO study."""
