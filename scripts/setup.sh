@@ -22,7 +22,7 @@ if [ "$want" != "$have" ]; then
   echo "setup: installing dependencies into .venv (first run: several minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch/torchvision are pinned in pyproject.toml to the builds this project is tested with.
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[test]" --config-settings editable_mode=compat
   # auto-LiRPA 0.3 declares torch<1.13 in its metadata; it works with our compatibility shims,
   # so it is installed without its declared dependencies.
   .venv/bin/python -m pip install --quiet --no-deps "auto-lirpa==0.3" appdirs

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from solvers import SolverError, load
+from solvers.burgers import Burgers, downsample
+from solvers.wake import WakeFlow, downsample_faces
+
+
+def test_burgers_conserves_mass_without_forcing():
+    b = Burgers(64, nu=0.02)
+    u = b.initial_state(8, seed=1) + 0.3
+    mass0 = u.sum(axis=1) * b.dx
+    for _ in range(50):
+        u = b.step(u)
+    assert np.allclose(u.sum(axis=1) * b.dx, mass0, rtol=0, atol=1e-12)
+    assert not np.allclose(u, b.initial_state(8, seed=1) + 0.3)
+
+
+def test_burgers_forcing_adds_its_integral():
+    b = Burgers(32, nu=0.0, dt=0.01)
+    u = np.zeros((2, 32))
+    f = np.ones((2, 32)) * 0.5
+    out = b.step(u, forcing=f)
+    assert np.allclose(out.sum(axis=1) * b.dx, 0.5 * 0.01 * b.length)
+
+
+def test_coarse_error_shrinks_with_resolution():
+    ref = Burgers(512, nu=0.05, dt=0.02)
+    u_ref = ref.initial_state(4, seed=3)
+    states = {n: downsample(u_ref, 512 // n) for n in (16, 32, 64, 128)}
+    solvers = {n: Burgers(n, nu=0.05, dt=0.02) for n in states}
+    for _ in range(50):
+        u_ref = ref.step(u_ref)
+        states = {n: solvers[n].step(s) for n, s in states.items()}
+    errors = [np.abs(states[n] - downsample(u_ref, 512 // n)).mean() for n in (16, 32, 64, 128)]
+    assert all(a > 1.5 * b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_solvers_reject_autograd_tensors_and_bad_shapes():
+    import torch
+
+    b = load("burgers", n=8)
+    with pytest.raises(SolverError, match="requires grad"):
+        b.step(torch.zeros(2, 8, requires_grad=True))
+    with pytest.raises(SolverError, match=r"expects state of shape \(B, 8\)"):
+        b.step(np.zeros((2, 9)))
+    assert b.step(torch.zeros(2, 8, dtype=torch.float64)).shape == (2, 8)
+    with pytest.raises(SolverError, match="unknown solver 'nope'"):
+        load("nope")
+
+
+def test_wake_downsampling_is_a_block_average_of_faces():
+    fine = WakeFlow((8, 16))
+    rng = np.random.default_rng(0)
+    state = rng.standard_normal((2, *fine.state_shape))
+    vx, vy = fine.split(state)
+    cx, cy = downsample_faces(vx, vy, 4)
+    assert cx.shape == (2, 3, 4) and cy.shape == (2, 2, 5)
+    # coarse x-face (i=1, j=2) sits on fine x-face 4 and covers fine cells 8..11 in y
+    assert np.isclose(cx[1, 1, 2], (vx[1, 4, 8] + vx[1, 4, 9] + vx[1, 4, 10] + vx[1, 4, 11]) / 4)
+    # coarse y-face (i=1, j=3) sits on fine y-face 12 and covers fine cells 4..7 in x
+    assert np.isclose(cy[0, 1, 3], vy[0, 4:8, 12].mean())
+    assert np.array_equal(fine.join(vx, vy), state)
+
+
+@pytest.mark.slow
+def test_wake_sheds_vortices_and_is_deterministic():
+    w = WakeFlow((32, 64))
+    s = w.initial_state(2, seed=0)
+    re = np.array([500.0, 2000.0])
+    (X, Y), _ = w.face_centers()
+    probe = np.unravel_index(np.argmin((X - 50) ** 2 + (Y - 100) ** 2), X.shape)   # behind the disc
+    lateral = []
+    for _ in range(250):
+        s = w.step(s, re=re)
+        lateral.append(w.split(s)[0][:, probe[0], probe[1]].copy())
+    lateral = np.array(lateral)[60:]                                               # after the start-up
+    for k in range(2):
+        signal = lateral[:, k] - lateral[:, k].mean()
+        crossings = np.count_nonzero(np.diff(np.sign(signal)) != 0)
+        assert np.abs(signal).max() > 0.02 and crossings >= 2, (k, crossings)
+    again = w.step(s, re=re)
+    assert w.step(s, re=re).tobytes() == again.tobytes()
