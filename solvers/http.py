@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from solvers.protocol import SolverError, as_state, check_output
+from solvers.protocol import Closeable, SolverError, as_condition, as_state, check_output
 
 MODEL = "forward"
 
@@ -115,7 +115,7 @@ def serve_in_thread(solver, host: str = "127.0.0.1", port: int = 0, **kw) -> tup
     return server, f"http://{h}:{p}"
 
 
-class HTTPSolver:
+class HTTPSolver(Closeable):
     """Client for a solver behind the HTTP adapter (``deepzero solver serve``)."""
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
@@ -151,21 +151,8 @@ class HTTPSolver:
 
     def step(self, state: Any, **conditions: Any) -> np.ndarray:
         arr = as_state(state, self.state_shape, self.dtype, self.name)
-        conds = {}
-        for k, v in conditions.items():
-            if getattr(v, "requires_grad", False):
-                raise SolverError(f"{self.name}: condition '{k}' requires grad; solvers are non-differentiable")
-            conds[k] = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v).tolist()
+        conds = {k: as_condition(k, v, self.name).tolist() for k, v in conditions.items()}
         reply = self._call("POST", "/Evaluate", {"name": MODEL, "input": [arr.reshape(-1).tolist()],
                                                   "config": {"batch": arr.shape[0], "conditions": conds}})
         out = np.asarray(reply["output"][0], dtype=self.dtype).reshape(arr.shape)
         return check_output(out, arr.shape[0], self.state_shape, self.dtype, self.name)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -56,7 +56,29 @@ def check_output(out: Any, batch: int, state_shape: tuple[int, ...], dtype: np.d
     return out
 
 
-class SolverBase:
+def as_condition(key: str, value: Any, who: str) -> np.ndarray:
+    """A condition as a NumPy array; autograd tensors are refused like states are."""
+    if getattr(value, "requires_grad", False):
+        raise SolverError(f"{who}: condition '{key}' requires grad; solvers are non-differentiable")
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class Closeable:
+    """``close()`` (a no-op here) and the context-manager protocol calling it."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SolverBase(Closeable):
     """Shared plumbing for in-process solvers: validation, context manager, ``close``."""
 
     state_shape: tuple[int, ...] = ()
@@ -69,11 +91,7 @@ class SolverBase:
         return check_output(self._step(arr, **conds), arr.shape[0], self.state_shape, self.dtype, self.name)
 
     def _condition(self, key: str, value: Any, batch: int) -> np.ndarray:
-        if getattr(value, "requires_grad", False):
-            raise SolverError(f"{self.name}: condition '{key}' requires grad; solvers are non-differentiable")
-        if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
-        arr = np.asarray(value, dtype=np.float64)
+        arr = as_condition(key, value, self.name).astype(np.float64)
         if arr.ndim == 0:
             arr = np.full(batch, float(arr))
         if arr.shape[0] != batch:
@@ -86,12 +104,3 @@ class SolverBase:
     def initial_state(self, batch: int, seed: int = 0) -> np.ndarray:
         """A valid state to start from (used by ``deepzero solver check``)."""
         return np.zeros((batch, *self.state_shape), dtype=self.dtype)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from solvers import wire
-from solvers.protocol import SolverError, as_state, check_output
+from solvers.protocol import Closeable, SolverError, as_condition, as_state, check_output
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -81,7 +81,7 @@ class _Reader:
         return wire.read_frame(io.BytesIO(raw))
 
 
-class SubprocessSolver:
+class SubprocessSolver(Closeable):
     """An external solver program speaking the deepzero wire format.
 
     Args:
@@ -176,10 +176,7 @@ class SubprocessSolver:
             raise SolverError(f"solver program {self.name} is no longer running ({self._dead})")
         arr = as_state(state, self.state_shape, self.dtype, self.name)
         frames: list[tuple[str, Any]] = [("J", {"op": "step", "conditions": list(conditions)}), ("N", arr)]
-        for key, value in conditions.items():
-            if getattr(value, "requires_grad", False):
-                raise SolverError(f"{self.name}: condition '{key}' requires grad; solvers are non-differentiable")
-            frames.append(("N", np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)))
+        frames += [("N", as_condition(k, v, self.name)) for k, v in conditions.items()]
         self._send(frames)
         kind, out = self._receive("a step")
         if kind == "J":
@@ -196,9 +193,3 @@ class SubprocessSolver:
                 pass
         self._dead = self._dead or "closed"
         self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -9,7 +9,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def _one_thread():
     import torch
 
+    from core.runtime.perf import tune_allocator
+
     torch.set_num_threads(1)
+    tune_allocator()
 
 
 @pytest.fixture

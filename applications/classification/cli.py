@@ -60,6 +60,19 @@ def _config(args):
                         overrides=overrides)
 
 
+def _resolved(args):
+    """Threads set, config resolved; None when only ``--print-config`` was asked (and done)."""
+    from core.runtime.cli import setup_torch
+    from core.runtime.config import to_yaml
+
+    setup_torch(args.threads)
+    cfg = _config(args)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg
+
+
 def _train(args) -> int:
     import dataclasses
 
@@ -70,24 +83,21 @@ def _train(args) -> int:
     from core.runtime.errors import UserError
     from core.runtime.tracking import Tracker
 
-    setup_torch(args.threads)
     state = None
     if args.resume:
+        setup_torch(args.threads)
         state = load_checkpoint(args.resume, app="classify")
-        from omegaconf import OmegaConf
-
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(OmegaConf.to_yaml(OmegaConf.create(state["config"])))
         overrides = list(args.overrides) + ([f"run.device={args.device}"] if args.device else [])
-        cfg = build_config(ClassifyConfig, config_file=f.name, overrides=overrides)
+        cfg = build_config(ClassifyConfig, base=state["config"], overrides=overrides)
         if dataclasses.asdict(cfg)["model"] != state["config"]["model"]:
             raise UserError("--resume cannot change model.* keys")
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
     else:
-        cfg = _config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
+        cfg = _resolved(args)
+        if cfg is None:
+            return 0
     from applications.classification.train import train
 
     run_id = state["mlflow_run_id"] if state else None
@@ -111,15 +121,12 @@ def _prune(args) -> int:
     import json
 
     from applications.classification.train import Trainer, ratio_table
-    from core.runtime.cli import setup_torch
-    from core.runtime.config import flatten, to_yaml
+    from core.runtime.config import flatten
     from core.runtime.errors import UserError
     from core.runtime.tracking import Tracker, project_root
 
-    setup_torch(args.threads)
-    cfg = _config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    cfg = _resolved(args)
+    if cfg is None:
         return 0
     if cfg.zo.sparsity == 0.0:
         raise UserError("zo.sparsity is 0: nothing to prune (e.g. --set zo.sparsity=0.9)")
@@ -147,13 +154,9 @@ def _prune(args) -> int:
 
 def _study(args) -> int:
     from applications.classification.study import run_study
-    from core.runtime.cli import setup_torch
-    from core.runtime.config import to_yaml
 
-    setup_torch(args.threads)
-    cfg = _config(args)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
+    cfg = _resolved(args)
+    if cfg is None:
         return 0
     return run_study(cfg, depths=args.depths, methods=args.methods, seeds=args.seeds, quick=args.quick,
                      progress=not args.no_progress)

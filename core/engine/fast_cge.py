@@ -64,7 +64,7 @@ class FastCGE:
     """
 
     def __init__(self, model: nn.Module, named_params: list[tuple[str, nn.Parameter]], *,
-                 max_elems: int = 1 << 21) -> None:
+                 max_elems: int = 1 << 20) -> None:
         traced = trace_model(model)
         if traced is None:
             raise TypeError("model is not traceable")

@@ -31,11 +31,15 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def setup_torch(threads: int) -> None:
+    """One torch thread unless asked otherwise, and the allocator tuned for big temporaries."""
     import torch
+
+    from core.runtime.perf import tune_allocator
 
     if threads < 1:
         raise UserError(f"--threads must be >= 1; got {threads}")
     torch.set_num_threads(threads)
+    tune_allocator()
 
 
 def resolve_device(name: str):

@@ -63,13 +63,19 @@ def available_presets(preset_dir: Path) -> list[str]:
 
 
 def build_config(schema: type[T], *, preset_dir: Path | None = None, preset: str | None = None,
-                 config_file: str | None = None, overrides: Sequence[str] = ()) -> T:
-    """Resolve a config of type ``schema`` from its presets, an optional file and dotted overrides."""
+                 config_file: str | None = None, overrides: Sequence[str] = (),
+                 base: dict[str, Any] | None = None) -> T:
+    """Resolve a config of type ``schema`` from its presets, an optional file and dotted overrides.
+
+    ``base`` (e.g. the config stored in a checkpoint) is applied first, in place of a preset.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    base = OmegaConf.structured(schema)
+    defaults = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
+    if base is not None:
+        layers.append((OmegaConf.create(base), "checkpoint config"))
     if preset is not None:
         names = available_presets(preset_dir) if preset_dir else []
         if preset not in names:
@@ -88,7 +94,7 @@ def build_config(schema: type[T], *, preset_dir: Path | None = None, preset: str
             layers.append((OmegaConf.from_dotlist(list(overrides)), "--set"))
         except OmegaConfBaseException as exc:
             raise UserError(f"bad --set override: {str(exc).splitlines()[0]}")
-    cfg = base
+    cfg = defaults
     for layer, source in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)

@@ -38,3 +38,10 @@ def test_runs_table_on_empty_and_filled_store(tmp_path):
 
 def test_ui_rejects_a_bad_port(tmp_path):
     assert "--port must be in 1..65535" in one_line_error(deepzero("ui", "--port", "70000", home=tmp_path))
+
+
+def test_mlflow_folder_does_not_shadow_the_library():
+    proc = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.__file__, mlflow.__version__)"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "site-packages" in proc.stdout and "3.17.2" in proc.stdout
+    assert not (ROOT / "mlflow" / "__init__.py").exists()

@@ -77,3 +77,8 @@ def test_config_overrides_types_and_unknown_keys(tmp_path):
         (tmp_path / "b.yaml").write_text("seed: 2\n")
         build_config(Outer, preset_dir=tmp_path, preset="nope")
     assert build_config(Outer, preset_dir=tmp_path, preset="b").seed == 2
+
+
+def test_base_layer_is_applied_before_overrides():
+    cfg = build_config(Outer, base={"train": {"lr": 0.3, "name": "b"}, "seed": 5}, overrides=["seed=6"])
+    assert (cfg.train.lr, cfg.train.name, cfg.seed) == (0.3, "b", 6)
