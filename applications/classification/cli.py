@@ -40,7 +40,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     s.add_argument("--depths", default=None, help="comma-separated CNN depths (default 1,2,3,4,5)")
     s.add_argument("--methods", default=None, help="comma-separated subset of fo,cge,rge (default all)")
     s.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3)")
-    s.add_argument("--quick", action="store_true", help="reduced grid: depths 1-2, one seed, 1 epoch, 512 images")
+    s.add_argument("--quick", action="store_true", help="reduced grid to check the pipeline: depths 1-2, one seed, 2 epochs, 512 images")
     s.add_argument("--no-progress", action="store_true")
     return p
 

@@ -70,7 +70,7 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
     if n_seeds < 1:
         raise UserError(f"--seeds must be >= 1; got {n_seeds}")
     if quick:
-        cfg.optim.epochs, cfg.data.train_subset = 1, 512
+        cfg.optim.epochs, cfg.data.train_subset = 2, 512
     data = load_dataset(cfg.data.name, cfg.data.data_root, image_size=cfg.data.image_size)
     results = []
     with Tracker("classify", run_name="study") as parent:

@@ -140,7 +140,7 @@ class Trainer:
         if self.plan is not None:
             self.plan.step()
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
     def run_epoch(self, progress: bool, tracker: Tracker | None) -> dict[str, float]:
         from tqdm import tqdm

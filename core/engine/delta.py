@@ -131,30 +131,56 @@ def bn_uses_batch_stats(m: nn.modules.batchnorm._BatchNorm) -> bool:
     return m.training or m.running_mean is None
 
 
-def bn_rows(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
-    """BatchNorm of ``rows`` [R, N]: row r holds all N = B·|sp| values of layer channel ``ch[r]``.
+def bn_affine(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor, ch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale ``a`` and shift ``b`` with BN(row) = row·a + b.
 
-    Train mode normalises each row by its own (biased) batch statistics, i.e. per perturbation,
-    exactly as a separate forward of that perturbed model would.
+    ``rows`` [R, N]: row r holds all N = B·|sp| values of layer channel ``ch[r]``. Train mode uses
+    each row's own (biased) batch statistics, i.e. per perturbation, exactly as a separate forward
+    of that perturbed model would; they come from Σx and ‖x‖² in two reads of the rows.
     """
     if bn_uses_batch_stats(m):
         n = rows.shape[1]
-        out = rows - (rows.sum(1, keepdim=True) / n)                           # centred [R, N]
-        var = torch.linalg.vector_norm(out, dim=1).square_() / n
-        scale = torch.rsqrt(var + m.eps)
-        if m.affine:
-            scale = scale * m.weight.index_select(0, ch)
-        out.mul_(scale.unsqueeze(1))
-        if m.affine:
-            out.add_(m.bias.index_select(0, ch).unsqueeze(1))
-        return out
-    scale = torch.rsqrt(m.running_var.index_select(0, ch) + m.eps)
+        mean = rows.sum(1) / n
+        var = (torch.linalg.vector_norm(rows, dim=1).square_() / n - mean * mean).clamp_min_(0.0)
+    else:
+        mean, var = m.running_mean.index_select(0, ch), m.running_var.index_select(0, ch)
+    a = torch.rsqrt(var + m.eps)
     if m.affine:
-        scale = scale * m.weight.index_select(0, ch)
-    shift = -m.running_mean.index_select(0, ch) * scale
+        a = a * m.weight.index_select(0, ch)
+    b = -mean * a
     if m.affine:
-        shift = shift + m.bias.index_select(0, ch)
-    return torch.addcmul(shift.unsqueeze(1), rows, scale.unsqueeze(1))
+        b = b + m.bias.index_select(0, ch)
+    return a, b
+
+
+def bn_rows(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor, ch: torch.Tensor) -> torch.Tensor:
+    """BatchNorm of ``rows`` [R, N] whose row r is layer channel ``ch[r]`` (see :func:`bn_affine`)."""
+    a, b = bn_affine(m, rows, ch)
+    return torch.addcmul(b.unsqueeze(1), rows, a.unsqueeze(1))
+
+
+def bn_relu_maxpool2x2(m: nn.modules.batchnorm._BatchNorm, rep: "Rep") -> "Rep | None":
+    """BN → ReLU → 2×2 max-pool in one go: pool first, then normalise the 4× smaller result.
+
+    Exact, not an approximation: with a positive per-channel scale, x ↦ relu(x·a + b) is
+    non-decreasing (also in floating point, where every rounding is monotone), so it commutes with
+    the maximum. The statistics still come from the unpooled values. Returns None when a scale is
+    negative (a γ < 0) — the caller then runs the three layers one by one.
+    """
+    if isinstance(rep, Chan):
+        vals, ch = rep.v, rep.idx
+    elif isinstance(rep, Full) and rep.t.dim() == 5:
+        vals = rep.t
+        ch = torch.arange(vals.shape[1], device=vals.device).repeat(vals.shape[0])
+    else:
+        return None
+    R = ch.numel()
+    a, b = bn_affine(m, vals.reshape(R, -1), ch)
+    if bool((a < 0).any()):
+        return None
+    pooled = maxpool2x2(vals)
+    out = torch.addcmul(b.unsqueeze(1), pooled.reshape(R, -1), a.unsqueeze(1)).relu_().reshape(pooled.shape)
+    return Chan(rep.idx, out) if isinstance(rep, Chan) else Full(out)
 
 
 def bn_normalized_input(m: nn.modules.batchnorm._BatchNorm, xc: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,7 @@ class FastCGE:
                     users.setdefault(id(p), []).append(n)
             elif n.op == "get_attr":
                 users.setdefault(id(self._attr(n.target)), []).append(n)
+        self.fused = self._bn_relu_pool_chains()
         self.plan: list[tuple[str, nn.Parameter, fx.Node | None, str]] = []
         for name, p in named_params:
             owners = users.get(id(p), [])
@@ -93,6 +94,26 @@ class FastCGE:
             node = owners[0]
             m = self.root.get_submodule(node.target)
             self.plan.append((name, p, node, self._kind(m, p)))
+
+    def _bn_relu_pool_chains(self) -> dict[fx.Node, tuple[fx.Node, fx.Node]]:
+        """BatchNorm2d nodes whose only user is a ReLU whose only user is a plain 2×2 max-pool."""
+        def module(n):
+            return self.root.get_submodule(n.target) if n.op == "call_module" else None
+
+        chains = {}
+        for n in self.nodes:
+            if not isinstance(module(n), nn.BatchNorm2d) or len(n.users) != 1:
+                continue
+            (relu,) = n.users
+            is_relu = isinstance(module(relu), nn.ReLU) or (
+                relu.op == "call_function" and relu.target in _RELU and not relu.kwargs) or (
+                relu.op == "call_method" and relu.target == "relu")
+            if not is_relu or len(relu.args) != 1 or len(relu.users) != 1:
+                continue
+            (pool,) = relu.users
+            if D._is_plain_2x2(module(pool)) and len(pool.args) == 1 and not pool.kwargs:
+                chains[n] = (relu, pool)
+        return chains
 
     def _attr(self, target: str):
         obj = self.root
@@ -202,8 +223,20 @@ class FastCGE:
                     return rep
         return self._generic(node, env, envc, changed, K)
 
+    @staticmethod
+    def _is_plain_cross_entropy(loss_fn: Callable) -> bool:
+        if loss_fn is F.cross_entropy:
+            return True
+        return (isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction == "mean"
+                and loss_fn.label_smoothing == 0.0)
+
     def _losses(self, loss_fn: Callable, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Losses [K] from the perturbed outputs ``out`` [K, B, ...]."""
+        if (out.dim() == 3 and y.dim() == 1 and not y.is_floating_point() and bool((y >= 0).all())
+                and self._is_plain_cross_entropy(loss_fn)):
+            # mean cross-entropy of every perturbation at once: logsumexp − the true class's logit
+            picked = out.gather(2, y.view(1, -1, 1).expand(out.shape[0], -1, 1)).squeeze(2)
+            return (torch.logsumexp(out, dim=2) - picked).mean(1)
         if self._vmap_ok is not False:
             try:
                 losses = torch.vmap(loss_fn, in_dims=(0, None))(out, y)
@@ -237,7 +270,17 @@ class FastCGE:
         """Losses [K] of K perturbations whose effect at ``node`` is ``rep``."""
         K = rep.K
         changed: dict[fx.Node, D.Rep] = {node: rep}
+        done: set[fx.Node] = set()
         for n in self.nodes[self.order[node] + 1:]:
+            if n in done:
+                continue
+            if n in self.fused and n.args[0] in changed:
+                r = D.bn_relu_maxpool2x2(self.root.get_submodule(n.target), changed[n.args[0]])
+                if r is not None:
+                    relu, pool = self.fused[n]
+                    changed[pool] = r
+                    done.update((relu, pool))
+                    continue
             if n.op == "output":
                 src = n.args[0]
                 if src not in changed:

@@ -111,3 +111,23 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     client = MlflowClient(f"sqlite:///{killed_home / 'mlflow' / 'mlflow.db'}")
     assert client.get_run(b["mlflow_run_id"]).info.status == "FINISHED"
     assert len(client.get_metric_history(b["mlflow_run_id"], "test_accuracy")) == 3
+
+
+def test_study_logs_a_parent_with_child_runs_table_and_plots(tmp_path):
+    proc = deepzero("classify", "study", "--quick", "--depths", "1", "--methods", "fo,cge", "--seeds", "2",
+                    "--no-progress", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "test acc (%)" in proc.stdout and "cge" in proc.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("deepzero/classify")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/table.tsv", "study/accuracy_vs_params.png", "study/accuracy_vs_queries.png"} <= arts
+    assert "unknown" not in proc.stderr
+    bad = one_line_error(deepzero("classify", "study", "--methods", "fo,sgd", home=tmp_path))
+    assert "--methods must be a subset of fo,cge,rge" in bad
