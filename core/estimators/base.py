@@ -98,12 +98,6 @@ class ZOEstimator:
                 g = torch.sign(g)
             p.grad = g
 
-    @staticmethod
-    def _split_call(loss_fn, x, y):
-        if x is None and y is None:
-            return None
-        return loss_fn, x, y
-
     def _evaluate(self, loss_fn: Objective, x, y) -> torch.Tensor:
         """One evaluation of the loss at the current parameters (counts queries)."""
         with torch.no_grad():
