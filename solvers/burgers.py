@@ -47,6 +47,9 @@ class Burgers(SolverBase):
 
     def __init__(self, n: int = 32, *, length: float = 2 * math.pi, nu: float = 0.01, dt: float = 0.05,
                  umax: float = 2.0) -> None:
+        if not isinstance(n, int) or not all(isinstance(v, (int, float)) for v in (length, nu, dt, umax)):
+            raise ValueError(f"n must be an integer and length, nu, dt, umax numbers; got n={n!r}, length={length!r}, "
+                             f"nu={nu!r}, dt={dt!r}, umax={umax!r}")
         if n < 4 or nu < 0 or dt <= 0 or umax <= 0:
             raise ValueError(f"need n >= 4, nu >= 0, dt > 0, umax > 0; got n={n}, nu={nu}, dt={dt}, umax={umax}")
         self.n, self.length, self.nu, self.dt, self.umax = n, length, nu, dt, umax

@@ -75,7 +75,7 @@ def load(spec: str | list[str], **options: Any):
     if spec in _REGISTRY:
         try:
             return _REGISTRY[spec](**options)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise SolverError(f"bad options for solver '{spec}': {exc}") from None
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
@@ -85,7 +85,7 @@ def load(spec: str | list[str], **options: Any):
             raise SolverError(f"cannot import solver '{spec}': {exc}") from None
         try:
             return cls(**options)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise SolverError(f"bad options for solver '{spec}': {exc}") from None
     raise SolverError(f"unknown solver '{spec}'; use one of {', '.join(names())}, package.module:Class, "
                       "exec:COMMAND or an http:// URL")

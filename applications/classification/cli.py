@@ -98,8 +98,11 @@ def _train(args) -> int:
         cfg = _resolved(args)
         if cfg is None:
             return 0
-    from applications.classification.train import train
+    from applications.classification.train import Trainer, train
 
+    trainer = Trainer(cfg)                   # data, device, model, ratios: fail before any run is opened
+    if state is not None:
+        trainer.load_state_dict(state)
     run_id = state["mlflow_run_id"] if state else None
     with Tracker("classify", run_name=cfg.run.run_name or f"{cfg.optim.method}-{cfg.model.arch}", run_id=run_id) as tr:
         print(f"run {tr.run_id}: {cfg.optim.method} on {cfg.data.name}, {cfg.model.arch}"
@@ -111,15 +114,13 @@ def _train(args) -> int:
                   f"{row['test_accuracy']:.4f}  queries {row['queries']:.3e}  wall {row['wall_time_s']:.1f}s",
                   flush=True)
 
-        out = train(cfg, tracker=tr, resume=state, progress=not args.no_progress, on_epoch=show)
+        out = train(cfg, tracker=tr, resume=state, progress=not args.no_progress, on_epoch=show, trainer=trainer)
     print(f"checkpoint: {out['checkpoint']}")
     print(f"browse: deepzero ui   (run {out['run_id']})")
     return 0
 
 
 def _prune(args) -> int:
-    import json
-
     from applications.classification.train import Trainer, ratio_table
     from core.runtime.config import flatten
     from core.runtime.errors import UserError
@@ -132,9 +133,9 @@ def _prune(args) -> int:
         raise UserError("zo.sparsity is 0: nothing to prune (e.g. --set zo.sparsity=0.9)")
     if cfg.optim.method == "fo":
         cfg.optim.method = "zo-cge"
+    trainer = Trainer(cfg)
     with Tracker("classify", run_name=f"prune-{cfg.zo.ratios}-{cfg.model.arch}") as tr:
         tr.log_params(flatten(cfg))
-        trainer = Trainer(cfg)
         table = ratio_table(trainer.model, trainer.ratios)
         out = args.out or (project_root() / "runs" / "classify" /
                            f"ratios-{cfg.model.arch}{cfg.model.depth if cfg.model.arch == 'cnn' else ''}"
@@ -146,7 +147,6 @@ def _prune(args) -> int:
                                                  "seed": cfg.run.seed})
         tr.log_artifact(path, "sparsity")
         tr.log_text(table, "sparsity/ratios.tsv")
-        tr.log_text(json.dumps(trainer.ratios, indent=2), "sparsity/ratios.json")
     print(table, end="")
     print(f"saved {path}  (use: deepzero classify train --ratios {path})")
     return 0

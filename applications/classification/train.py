@@ -216,14 +216,19 @@ def log_plots(tracker: Tracker, history: list[dict[str, float]], title: str) -> 
 
 def train(cfg: ClassifyConfig, *, tracker: Tracker, resume: dict[str, Any] | None = None, progress: bool = True,
           data: Dataset | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
-          save_every_epoch: bool = True) -> dict[str, Any]:
-    """Train (or continue) one run; metrics, ratios, plots and the final checkpoint go to ``tracker``."""
-    trainer = Trainer(cfg, data=data)
+          save_every_epoch: bool = True, trainer: Trainer | None = None) -> dict[str, Any]:
+    """Train (or continue) one run; metrics, ratios, plots and the final checkpoint go to ``tracker``.
+
+    Pass a ready ``trainer`` (and, to resume, its checkpoint ``resume``) to have every user mistake
+    (data, device, model, checkpoint) surface before an MLflow run is opened.
+    """
+    if trainer is None:
+        trainer = Trainer(cfg, data=data)
+        if resume is not None:
+            trainer.load_state_dict(resume)
     run_id = tracker.run_id
     ckpt = checkpoint_path(cfg, run_id)
-    if resume is not None:
-        trainer.load_state_dict(resume)
-    else:
+    if resume is None:
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"seed": cfg.run.seed, "n_params": count_params(trainer.model)})
         from core.runtime.config import to_yaml

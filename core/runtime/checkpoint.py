@@ -44,9 +44,9 @@ def load_checkpoint(path: str | os.PathLike, *, app: str | None = None) -> dict[
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or a pickle with arbitrary objects
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is unreadable (corrupt or not a deepzero checkpoint): {reason}")
+    except Exception:  # corrupt, truncated, or a pickle with arbitrary objects
+        raise UserError(f"checkpoint {path} is unreadable: corrupt, truncated, or holding objects that a safe "
+                        "(weights_only) load refuses") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"checkpoint {path} is not a deepzero checkpoint (expected format {FORMAT!r})")
     if app is not None and state.get("app") != app:

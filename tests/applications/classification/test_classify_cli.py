@@ -46,6 +46,9 @@ def test_wrong_data_layout_is_one_line(tmp_path):
     line = one_line_error(deepzero("classify", "train", "--set", "data.name=cifar10", "--data-root",
                                    str(tmp_path / "data"), home=tmp_path))
     assert "cifar-10-batches-py/" in line
+    # the mistake surfaced before any MLflow run was opened: nothing half-made is left behind
+    proc = deepzero("runs", home=tmp_path)
+    assert proc.returncode == 0 and "no runs yet" in proc.stdout
 
 
 def test_print_config(tmp_path):

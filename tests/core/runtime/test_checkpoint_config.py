@@ -35,7 +35,7 @@ def test_corrupt_and_foreign_checkpoints_are_clear_errors_and_untouched(tmp_path
 
     foreign = tmp_path / "foreign.pt"
     foreign.write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(UserError, match="unreadable"):
+    with pytest.raises(UserError, match="unreadable: corrupt, truncated, or holding objects"):
         load_checkpoint(foreign)
     other = save_checkpoint(tmp_path / "other.pt", {"app": "pde"})
     with pytest.raises(UserError, match="written by app 'pde'"):
