@@ -70,8 +70,9 @@ def experiment_id(app: str, mlclient=None) -> str:
 
 
 def git_commit() -> str | None:
+    """The commit of the code that runs (its checkout, wherever the store lives); None outside git."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -187,19 +188,21 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
+    def _log_written(self, artifact_file: str, write) -> None:
+        """Write a file with ``write(path)`` in a temporary folder and log it at ``artifact_file``."""
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / Path(artifact_file).name
-            target.write_text(text)
+            write(target)
             parent = str(Path(artifact_file).parent)
             self.log_artifact(target, None if parent == "." else parent)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._log_written(artifact_file, lambda path: path.write_text(text))
 
     def log_figure(self, fig, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / Path(artifact_file).name
-            fig.savefig(target, dpi=120, bbox_inches="tight")
+        try:
+            self._log_written(artifact_file, lambda path: fig.savefig(path, dpi=120, bbox_inches="tight"))
+        finally:
             plt.close(fig)
-            parent = str(Path(artifact_file).parent)
-            self.log_artifact(target, None if parent == "." else parent)

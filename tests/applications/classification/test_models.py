@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
-from applications.classification.models import ResNet20, build_model, count_params, lenet5, small_cnn
-from core import CGE, SparsityPlan, random_ratios
+from applications.classification.models import ResNet20, count_params, lenet5, small_cnn
+from core import CGE, SparsityPlan
 
 
 def test_parameter_counts_match_the_paper():

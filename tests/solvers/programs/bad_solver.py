@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from solvers.wire import read_frame, serve, write_array, write_json
+from solvers.wire import serve
 
 
 class Bad:
