@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import sys
 
-# app name -> (module with main(argv, prog), one-line description)
-APPS: dict[str, tuple[str, str]] = {
+# app name -> (module with main(argv, prog), one-line description, key metrics `deepzero runs` shows)
+APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "classify": ("applications.classification.cli",
-                 "ZO training from scratch (CGE/RGE/MeZO/FO), ZO-GraSP pruning, the CGE-vs-RGE-vs-FO study"),
-    "solver": ("applications.solver_cli", "vet (check) or expose (serve) a black-box PDE solver"),
+                 "ZO training from scratch (CGE/RGE/MeZO/FO), ZO-GraSP pruning, the CGE-vs-RGE-vs-FO study",
+                 ("test_accuracy", "train_loss", "queries", "wall_time_s")),
+    "solver": ("applications.solver_cli", "vet (check) or expose (serve) a black-box PDE solver", ()),
 }
 TOOLS: dict[str, str] = {
     "ui": "open the MLflow UI on the project's tracking store (127.0.0.1)",
@@ -32,7 +33,7 @@ Run 'deepzero <command> --help' for a command's verbs and options.
 
 
 def _help() -> str:
-    apps = "\n".join(f"  {name:<10} {desc}" for name, (_, desc) in APPS.items())
+    apps = "\n".join(f"  {name:<10} {desc}" for name, (_, desc, _m) in APPS.items())
     tools = "\n".join(f"  {name:<10} {desc}" for name, desc in TOOLS.items())
     return USAGE.format(apps=apps, tools=tools)
 

@@ -49,10 +49,21 @@ def main(argv: list[str] | None = None, prog: str = "deepzero solver") -> int:
         try:
             sizes = tuple(int(b) for b in args.batch.split(","))
         except ValueError:
-            raise UserError(f"--batch must be comma-separated integers; got '{args.batch}'")
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            raise UserError(f"--batch must be comma-separated positive integers, e.g. 1,8,32; got '{args.batch}'")
+        if args.timeout <= 0:
+            raise UserError(f"--timeout must be > 0 seconds; got {args.timeout}")
+        try:
+            conditions = parse_options(args.condition)
+        except SolverError as exc:
+            raise UserError(str(exc).replace("solver option", "--condition")) from None
+        for name, value in conditions.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"--condition {name}={value!r}: a condition must be a number, e.g. re=500")
         solver = _load(args.spec, args.option, args.timeout)
         try:
-            report = run_check(solver, batch_sizes=sizes, conditions=parse_options(args.condition))
+            report = run_check(solver, batch_sizes=sizes, conditions=conditions)
         except SolverError as exc:
             raise UserError(str(exc)) from None
         finally:
@@ -66,6 +77,8 @@ def main(argv: list[str] | None = None, prog: str = "deepzero solver") -> int:
 
         if not 0 <= args.port < 65536:
             raise UserError(f"--port must be in 0..65535; got {args.port}")
+        if args.timeout <= 0:
+            raise UserError(f"--timeout must be > 0 seconds; got {args.timeout}")
         solver = _load(args.solver, args.option, args.timeout)
         try:
             server = make_server(solver, args.host, args.port, allow_remote=args.allow_remote)

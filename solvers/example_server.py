@@ -5,8 +5,9 @@ object with ``state_shape``, ``dtype`` and ``step(state, **conditions)``, and ke
 
     python -m solvers.example_server --solver burgers --option n=64
 
-deepzero starts it with ``SubprocessSolver([...command...])`` or ``--solver-cmd``; stdout carries
-only protocol frames, so print diagnostics to stderr.
+deepzero starts it with ``SubprocessSolver([...command...])`` or the solver spec
+``exec:python -m solvers.example_server --solver burgers`` (e.g. ``deepzero solver check "exec:..."``);
+stdout carries only protocol frames, so print diagnostics to stderr.
 """
 from __future__ import annotations
 

@@ -53,13 +53,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_cells(cfg: ClassifyConfig, depth_list: list[int], method_list: list[str], n_seeds: int,
+                rge_lr_scale: float) -> list[tuple[str, ClassifyConfig]]:
+    """Every (depth, method, seed) cell as (name, config): dense; RGE with q = d and a 10× smaller lr."""
+    cells = []
+    for depth in depth_list:
+        for method in method_list:
+            for s in range(n_seeds):
+                cell = copy.deepcopy(cfg)
+                cell.model.depth, cell.optim.method = depth, METHOD_KEYS[method]
+                cell.run.seed, cell.zo.sparsity, cell.zo.q = cfg.run.seed + s, 0.0, 0
+                if method == "rge":
+                    cell.optim.lr = cfg.optim.lr * rge_lr_scale
+                cell.validate()
+                cells.append((f"d{depth}-{method}-s{cell.run.seed}", cell))
+    return cells
+
+
 def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, seeds: int | None, quick: bool,
               progress: bool, rge_lr_scale: float = 0.1) -> int:
-    from applications.classification.train import train
+    from applications.classification.train import ClassifyExperiment, count_params
     from core.runtime.config import flatten
     from core.runtime.data import load_dataset
+    from core.runtime.experiment import run_experiment, run_sweep, tsv, user_errors
     from core.runtime.plotting import line_plot
-    from core.runtime.tracking import Tracker
 
     depth_list = _ints(depths, [1, 2] if quick else [1, 2, 3, 4, 5], "--depths")
     method_list = [m.strip() for m in (methods or "fo,cge,rge").split(",") if m.strip()]
@@ -69,40 +86,26 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
     if n_seeds < 1:
         raise UserError(f"--seeds must be >= 1; got {n_seeds}")
-    if quick:
-        cfg.optim.epochs, cfg.data.train_subset = 2, 512
-    data = load_dataset(cfg.data.name, cfg.data.data_root, image_size=cfg.data.image_size)
-    results = []
-    with Tracker("classify", run_name="study") as parent:
-        parent.log_params({**flatten(cfg), "study.depths": depth_list, "study.methods": method_list,
-                           "study.seeds": n_seeds, "study.rge_lr_scale": rge_lr_scale})
-        for depth in depth_list:
-            for method in method_list:
-                for s in range(n_seeds):
-                    cell = copy.deepcopy(cfg)
-                    cell.model.depth, cell.optim.method = depth, METHOD_KEYS[method]
-                    cell.run.seed, cell.zo.sparsity, cell.zo.q = cfg.run.seed + s, 0.0, 0
-                    if method == "rge":
-                        cell.optim.lr = cfg.optim.lr * rge_lr_scale
-                    cell.validate()
-                    name = f"d{depth}-{method}-s{cell.run.seed}"
-                    with Tracker("classify", run_name=name, parent_run_id=parent.run_id) as child:
-                        out = train(cell, tracker=child, progress=progress, data=copy.deepcopy(data),
-                                    save_every_epoch=False)
-                    last = out["history"][-1]
-                    row = {"depth": depth, "method": method, "seed": cell.run.seed, "params": out["n_params"],
-                           "test_accuracy": last["test_accuracy"], "queries": last["queries"],
-                           "wall_time_s": last["wall_time_s"], "run_id": out["run_id"]}
-                    results.append(row)
-                    print(f"{name:>14}: params {row['params']:>6}  test_accuracy {row['test_accuracy']:.4f}  "
-                          f"queries {row['queries']:.3g}  wall {row['wall_time_s']:.1f}s", flush=True)
+    with user_errors():
+        data = load_dataset(cfg.data.name, cfg.data.data_root, image_size=cfg.data.image_size)
+    cells = study_cells(cfg, depth_list, method_list, n_seeds, rge_lr_scale)
+
+    def run_cell(name: str, cell: ClassifyConfig, tracker) -> dict:
+        exp = ClassifyExperiment(cell, data=copy.deepcopy(data))
+        out = run_experiment(exp, tracker, progress=progress, save_checkpoints=False)
+        last = out.history[-1]
+        row = {"depth": cell.model.depth, "method": next(k for k, v in METHOD_KEYS.items() if v == cell.optim.method),
+               "seed": cell.run.seed, "params": count_params(exp.model), "test_accuracy": last["test_accuracy"],
+               "queries": last["queries"], "wall_time_s": last["wall_time_s"]}
+        print(f"{name:>14}: params {row['params']:>6}  test_accuracy {row['test_accuracy']:.4f}  "
+              f"queries {row['queries']:.3g}  wall {row['wall_time_s']:.1f}s", flush=True)
+        return row
+
+    def summarize_study(parent, results: list[dict]) -> None:
         rows = summarize(results)
-        table = format_table(rows)
-        parent.log_text(table, "study/table.txt")
-        tsv = ["\t".join(rows[0])] + ["\t".join(str(v) for v in r.values()) for r in rows]
-        parent.log_text("\n".join(tsv) + "\n", "study/table.tsv")
-        cells = ["\t".join(results[0])] + ["\t".join(str(v) for v in r.values()) for r in results]
-        parent.log_text("\n".join(cells) + "\n", "study/cells.tsv")
+        parent.log_text(format_table(rows), "study/table.txt")
+        parent.log_text(tsv(rows), "study/table.tsv")
+        parent.log_text(tsv(results), "study/cells.tsv")
         by_method = defaultdict(list)
         for r in rows:
             by_method[r["method"]].append(r)
@@ -114,8 +117,13 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
             fig = line_plot(series, xlabel=label, ylabel="test accuracy", logx=logx, errors=errs,
                             title=f"CGE vs RGE vs FO on {cfg.data.name}")
             parent.log_figure(fig, f"study/{fname}")
-        for r in rows:
-            parent.log_metrics({f"acc_{r['method']}_d{r['depth']}": r["acc_mean"]})
-    print(table, end="")
-    print(f"study run {parent.run_id} (children: {len(results)})")
+        parent.log_metrics({f"acc_{r['method']}_d{r['depth']}": r["acc_mean"] for r in rows})
+        summarize_study.table = format_table(rows)
+
+    params = {**flatten(cfg), "study.depths": depth_list, "study.methods": method_list, "study.seeds": n_seeds,
+              "study.rge_lr_scale": rge_lr_scale}
+    parent_id, results = run_sweep("classify", cells, run_cell, name="study", params=params,
+                                   experiment=cfg.run.experiment, summarize=summarize_study)
+    print(summarize_study.table, end="")
+    print(f"study run {parent_id} (children: {len(results)})")
     return 0

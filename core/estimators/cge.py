@@ -62,16 +62,25 @@ class CGE(ZOEstimator):
         if self.engine == "naive" or self._fast_failed:
             return None
         if self._fast is None:
-            from core.engine import FastCGE
+            from core.engine import EngineUnsupported, FastCGE
 
             try:
                 self._fast = FastCGE(self.model, self.named_params)
-            except TypeError as exc:
-                if self.engine == "fast":
-                    raise ValueError(f"the fast CGE engine cannot analyse this model: {exc}") from None
-                self._fast_failed = True
+            except EngineUnsupported as exc:
+                self._unsupported(exc)
                 return None
         return self._fast
+
+    def _unsupported(self, exc: Exception) -> None:
+        """The engine cannot analyse the model: raise (``engine="fast"``) or fall back once, loudly."""
+        msg = f"the fast CGE engine cannot analyse this model: {exc}"
+        if self.engine == "fast":
+            raise ValueError(msg) from None
+        import warnings
+
+        warnings.warn(f"{msg}; using the exact naive loop instead (engine='naive' silences this)",
+                      RuntimeWarning, stacklevel=4)
+        self._fast_failed, self._fast = True, None
 
     def backward(self, loss_fn: Objective, x: torch.Tensor | None = None,
                  y: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,13 +91,19 @@ class CGE(ZOEstimator):
                 def full_forward():
                     return loss_fn(self.model(x), y)
 
-                with torch.no_grad():
-                    loss0, grads, queries = engine.estimate(loss_fn, x, y, self.mu, self.central, active,
-                                                            full_forward, self.chunk)
-                self.queries += queries + int(x.shape[0])
-                self._set_grads(grads)
-                self.last_engine = "fast"
-                return loss0
+                from core.engine import EngineUnsupported
+
+                try:
+                    with torch.no_grad():
+                        loss0, grads, queries = engine.estimate(loss_fn, x, y, self.mu, self.central, active,
+                                                                full_forward, self.chunk)
+                except EngineUnsupported as exc:   # decided before any perturbation: nothing to undo
+                    self._unsupported(exc)
+                else:
+                    self.queries += queries + int(x.shape[0])
+                    self._set_grads(grads)
+                    self.last_engine = "fast"
+                    return loss0
         if getattr(loss_fn, "zo_batched", False):
             return self._backward_batched(loss_fn, active)
         return self._backward_naive(loss_fn, x, y, active)

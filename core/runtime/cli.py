@@ -14,13 +14,25 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown arguments are reported by the verb's parser, so the hint names the verb's help."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            verb = None
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    verb = action.choices.get(getattr(ns, action.dest, None) or "")
+            (verb or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 def add_config_args(p: argparse.ArgumentParser, presets: list[str], default_preset: str = "default") -> None:
-    p.add_argument("--preset", default=default_preset,
+    p.add_argument("--preset", default=None,
                    help=f"named preset ({', '.join(presets)}); default: {default_preset}")
+    p.set_defaults(default_preset=default_preset)
     p.add_argument("--config", metavar="FILE", help="YAML file of config keys, applied after the preset")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override one config key, e.g. --set train.lr=0.01 (repeatable)")
+                   help="override one config key, e.g. --set optim.lr=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -66,3 +78,80 @@ def run_guarded(fn: Callable[[], int | None], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every app's training verb beyond the config ones: resume and progress."""
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint (same MLflow run; --set may only change safe keys "
+                        "such as optim.epochs)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def resolve_config(args: argparse.Namespace, schema: type, preset_dir, extra_overrides: list[str] = ()):
+    """The config from ``--preset``/``--config``/``--set`` plus flag-derived overrides."""
+    from core.runtime.config import build_config
+
+    overrides = list(args.overrides) + list(extra_overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"run.device={args.device}")
+    return build_config(schema, preset_dir=preset_dir, preset=(args.preset or args.default_preset) if preset_dir else args.preset, config_file=args.config,
+                        overrides=overrides)
+
+
+def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experiment: type, prog: str,
+                  extra_overrides: list[str] = (), safe_keys: tuple[str, ...] = (),
+                  on_epoch: Callable[[dict], None] | None = None) -> int:
+    """The training verb of any app: config (or checkpoint + safe changes) → experiment → loop.
+
+    Every mistake in the config, data, model or checkpoint surfaces before an MLflow run is opened.
+    """
+    from core.runtime.checkpoint import load_checkpoint
+    from core.runtime.config import to_yaml
+    from core.runtime.experiment import resume_config, run_experiment, user_errors
+
+    setup_torch(args.threads)
+    state = None
+    if args.resume:
+        if args.preset is not None:
+            raise UserError("--resume takes the checkpoint's config: drop --preset (use --set for safe changes)")
+        state = load_checkpoint(args.resume, app=experiment.app)
+        overrides = list(args.overrides) + list(extra_overrides)
+        if getattr(args, "device", None):
+            overrides.append(f"run.device={args.device}")
+        cfg = resume_config(schema, state["config"], config_file=args.config, overrides=overrides,
+                            safe_keys=safe_keys)
+    else:
+        cfg = resolve_config(args, schema, preset_dir, list(extra_overrides))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    with user_errors():
+        exp = experiment(cfg, resume=state)
+    if state is not None:
+        exp.load_state_dict(state)
+    from core.runtime.tracking import Tracker
+
+    kw = {"experiment": cfg.run.experiment} if cfg.run.experiment else {}
+    with Tracker(experiment.app, run_name=cfg.run.run_name or exp.run_name(),
+                 run_id=state["mlflow_run_id"] if state else None, **kw) as tr:
+        print(f"run {tr.run_id}: {exp.summary()}{' (resumed)' if state else ''}", flush=True)
+        resume = f"{prog} --resume {{checkpoint}}"
+        out = run_experiment(exp, tr, progress=not args.no_progress, on_epoch=on_epoch or print_epoch,
+                             resume_command=resume)
+    if out.stopped is not None:
+        print(f"{prog}: stopped: {out.stopped}; {out.extra['resume_hint']}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {out.checkpoint}")
+    print(f"browse: deepzero ui   (run {out.run_id})")
+    return 0
+
+
+def print_epoch(row: dict) -> None:
+    """One line per epoch: the epoch, then every metric of the history row."""
+    parts = [f"epoch {int(row['epoch']):3d}"]
+    for k, v in row.items():
+        if k == "epoch":
+            continue
+        parts.append(f"{k} {v:.3e}" if k == "queries" else f"{k} {v:.4f}" if abs(v) < 1e4 else f"{k} {v:.4g}")
+    print("  ".join(parts), flush=True)

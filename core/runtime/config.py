@@ -88,7 +88,7 @@ def build_config(schema: type[T], *, preset_dir: Path | None = None, preset: str
         layers.append((_load_yaml(path, "config file"), f"config file {path}"))
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise UserError(f"bad --set '{item}': expected key=value, e.g. --set train.lr=0.01")
+            raise UserError(f"bad --set '{item}': expected key=value, e.g. --set optim.lr=0.01")
     if overrides:
         try:
             layers.append((OmegaConf.from_dotlist(list(overrides)), "--set"))

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.runtime.errors import UserError
 
 
 def prunable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -61,17 +60,17 @@ def load_ratios(path: str | Path, model: nn.Module | None = None) -> dict[str, f
         data = json.loads(path.read_text())
         ratios = {str(k): float(v) for k, v in data["ratios"].items()}
     except FileNotFoundError:
-        raise UserError(f"ratios file {path} does not exist")
+        raise FileNotFoundError(f"ratios file {path} does not exist") from None
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"ratios file {path} is not a deepzero ratios file (JSON with a 'ratios' mapping)")
+        raise ValueError(f"ratios file {path} is not a deepzero ratios file (JSON with a 'ratios' mapping)") from None
     if model is not None:
         names = dict(model.named_parameters())
         unknown = [k for k in ratios if k not in names]
         if unknown:
-            raise UserError(f"ratios file {path} names parameters this model lacks: {', '.join(unknown[:5])}")
+            raise ValueError(f"ratios file {path} names parameters this model lacks: {', '.join(unknown[:5])}")
     bad = {k: v for k, v in ratios.items() if not 0.0 <= v < 1.0}
     if bad:
-        raise UserError(f"ratios in {path} must be in [0, 1); got {bad}")
+        raise ValueError(f"ratios in {path} must be in [0, 1); got {bad}")
     return ratios
 
 

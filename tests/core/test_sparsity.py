@@ -4,7 +4,6 @@ import torch.nn.functional as F
 
 from core import SparsityPlan, magnitude_ratios, random_ratios, zo_grasp_ratios
 from core.sparsity import load_ratios, prunable, save_ratios, zo_grasp_scores
-from core.runtime.errors import UserError
 from tests.core.models import small_cnn
 
 
@@ -74,7 +73,7 @@ def test_ratio_files_round_trip_and_reject_garbage(tmp_path):
     path = save_ratios(tmp_path / "r.json", ratios, {"method": "random"})
     assert load_ratios(path, model) == ratios
     (tmp_path / "bad.json").write_text("not json")
-    with pytest.raises(UserError, match="not a deepzero ratios file"):
+    with pytest.raises(ValueError, match="not a deepzero ratios file"):
         load_ratios(tmp_path / "bad.json")
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_ratios(tmp_path / "missing.json")
