@@ -30,7 +30,7 @@ from benchmarks.common import gemm_rate, setup, write_json
 
 
 def model_and_batch(dtype=torch.float32):
-    from applications.classification.models import small_cnn
+    from core.models import small_cnn
     from core.runtime.data import load_dataset
 
     torch.manual_seed(0)

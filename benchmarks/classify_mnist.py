@@ -27,7 +27,8 @@ def main() -> None:
     setup()
     from applications.classification.config import ClassifyConfig
     from applications.classification.study import format_table, summarize
-    from applications.classification.train import train
+    from applications.classification.train import ClassifyExperiment, count_params
+    from core.runtime.experiment import run_experiment
     from core.runtime.data import load_dataset
     from core.runtime.tracking import Tracker
 
@@ -43,9 +44,10 @@ def main() -> None:
             cfg.data.train_subset, cfg.zo.sparsity = args.train_subset, 0.0
             cfg.validate()
             with Tracker("classify", run_name=f"bench-d{args.depth}-{method}-s{seed}") as tr:
-                out = train(cfg, tracker=tr, progress=False, data=copy.deepcopy(data), save_every_epoch=False)
-            last = out["history"][-1]
-            results.append({"depth": args.depth, "method": method, "seed": seed, "params": out["n_params"],
+                exp = ClassifyExperiment(cfg, data=copy.deepcopy(data))
+                out = run_experiment(exp, tr, progress=False, save_checkpoints=False)
+            last = out.history[-1]
+            results.append({"depth": args.depth, "method": method, "seed": seed, "params": count_params(exp.model),
                             "test_accuracy": last["test_accuracy"], "queries": last["queries"],
                             "wall_time_s": last["wall_time_s"]})
             print(f"{method:>4} seed {seed}: test_accuracy {last['test_accuracy']:.4f}  queries "

@@ -40,14 +40,24 @@ class BlackBox(nn.Module):
         budget: maximum number of queries (samples); a call that would exceed it raises
             :class:`BudgetExceeded` before calling ``fn``, so ``queries`` never passes the budget.
         name: shown in error messages.
+        max_batch: the most samples ``fn`` accepts per call (an API limit, a device's memory);
+            larger inputs are split into consecutive chunks of at most ``max_batch`` samples and
+            the outputs concatenated along dim 0. The budget is checked for the whole input first.
+
+    The query counter (and budget) travel in checkpoints through :meth:`query_state` /
+    :meth:`load_query_state`; ``state_dict()`` stays the ordinary ``nn.Module`` one (the wrapped
+    module's weights, if ``fn`` is a module).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, budget: int | None = None,
-                 name: str = "blackbox") -> None:
+                 name: str = "blackbox", max_batch: int | None = None) -> None:
         super().__init__()
         if budget is not None and budget < 0:
             raise ValueError(f"budget must be >= 0 or None; got {budget}")
-        self.fn, self.budget, self.name = fn, budget, name
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                      or max_batch < 1):
+            raise ValueError(f"max_batch must be an int >= 1 or None; got {max_batch!r}")
+        self.fn, self.budget, self.name, self.max_batch = fn, budget, name, max_batch
         self.queries = 0
 
     @property
@@ -59,14 +69,42 @@ class BlackBox(nn.Module):
         if self.budget is not None and self.queries + n > self.budget:
             raise BudgetExceeded(f"BlackBox '{self.name}' query budget exhausted: {self.queries} of "
                                  f"{self.budget} used, this call needs {n} more")
+        xd = x.detach()
+        size = self.max_batch or max(n, 1)
+        outs = []
         with torch.no_grad():
-            out = self.fn(x.detach())
-        if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
-        self.queries += n
+            for chunk in [xd[s:s + size] for s in range(0, n, size)] or [xd]:   # chunks of <= max_batch
+                out = self.fn(chunk)
+                outs.append(out if isinstance(out, torch.Tensor) else torch.as_tensor(out))
+                self.queries += int(chunk.shape[0])
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if torch.is_grad_enabled() and x.requires_grad:
             return _NoBackward.apply(x, out, self.name)
         return out
 
+    def query_state(self) -> dict[str, int | None]:
+        """``{"queries": int, "budget": int | None}`` for a run-state checkpoint."""
+        return {"queries": int(self.queries), "budget": self.budget}
+
+    def load_query_state(self, state: dict[str, int | None], *, budget: bool = True) -> None:
+        """Restore the counter from :meth:`query_state` so a resumed run keeps its spent queries.
+
+        Args:
+            state: what :meth:`query_state` returned.
+            budget: also restore the saved budget; ``False`` keeps this box's own budget (e.g. a
+                resume that raises the budget on purpose).
+        """
+        queries = state["queries"]
+        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
+            raise ValueError(f"query state of BlackBox '{self.name}': queries must be an int >= 0; "
+                             f"got {queries!r}")
+        if budget:
+            saved = state.get("budget")
+            if saved is not None and (isinstance(saved, bool) or not isinstance(saved, int) or saved < 0):
+                raise ValueError(f"query state of BlackBox '{self.name}': budget must be an int >= 0 or "
+                                 f"None; got {saved!r}")
+            self.budget = saved
+        self.queries = queries
+
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, budget={self.budget}, queries={self.queries}"
+        return f"name={self.name!r}, budget={self.budget}, queries={self.queries}, max_batch={self.max_batch}"

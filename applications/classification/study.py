@@ -89,6 +89,9 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
     with user_errors():
         data = load_dataset(cfg.data.name, cfg.data.data_root, image_size=cfg.data.image_size)
     cells = study_cells(cfg, depth_list, method_list, n_seeds, rge_lr_scale)
+    with user_errors():                      # every depth's model fits the data before any run is opened
+        for depth in depth_list:
+            ClassifyExperiment(next(c for _, c in cells if c.model.depth == depth), data=copy.deepcopy(data))
 
     def run_cell(name: str, cell: ClassifyConfig, tracker) -> dict:
         exp = ClassifyExperiment(cell, data=copy.deepcopy(data))

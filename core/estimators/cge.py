@@ -10,6 +10,9 @@ evaluations plus the unperturbed loss that ``backward`` returns). Deterministic.
 For supervised losses on traceable models the estimate comes from the fast exact engine
 (:mod:`core.engine`) — layer-level feature reuse, delta forward and batched perturbations — and
 equals the naive loop up to float rounding. ``engine="naive"`` forces the reference loop.
+General objectives ``objective(model)`` use the naive loop; batched objectives
+``objective(model, params)`` receive ``objective_batch`` one-coordinate perturbations per call.
+Every path restores θ exactly, also when the step is interrupted by an exception.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.estimators.base import Objective, ZOEstimator, frozen_buffers
+from core.estimators.base import ObjectiveCall, Snapshot, ZOEstimator, frozen_buffers
 
 
 class CGE(ZOEstimator):
@@ -34,7 +37,9 @@ class CGE(ZOEstimator):
         sign: ZO-SignSGD: use the sign of the estimate.
         engine: ``"auto"`` (fast engine when the model can be analysed), ``"fast"`` (require it)
             or ``"naive"`` (one full forward per coordinate).
-        chunk: perturbations evaluated together (default: chosen from the activation sizes).
+        chunk: the fast engine's perturbations evaluated together (default: chosen from the
+            activation sizes).
+        objective_batch: parameter sets per call of a batched objective (default 32).
 
     Example::
 
@@ -45,8 +50,8 @@ class CGE(ZOEstimator):
 
     def __init__(self, model: nn.Module, mu: float = 5e-3, *, central: bool = False, sparsity: Any = None,
                  params: Iterable[nn.Parameter] | None = None, sign: bool = False, engine: str = "auto",
-                 chunk: int | None = None) -> None:
-        super().__init__(model, params=params, sparsity=sparsity, sign=sign)
+                 chunk: int | None = None, objective_batch: int = 32) -> None:
+        super().__init__(model, params=params, sparsity=sparsity, sign=sign, objective_batch=objective_batch)
         if not mu > 0:
             raise ValueError(f"mu must be > 0; got {mu}")
         if engine not in ("auto", "fast", "naive"):
@@ -79,13 +84,14 @@ class CGE(ZOEstimator):
         import warnings
 
         warnings.warn(f"{msg}; using the exact naive loop instead (engine='naive' silences this)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)   # the user's backward() call
         self._fast_failed, self._fast = True, None
 
-    def backward(self, loss_fn: Objective, x: torch.Tensor | None = None,
-                 y: torch.Tensor | None = None) -> torch.Tensor:
+    def _backward(self, call: ObjectiveCall, snapshot: Snapshot) -> torch.Tensor:
+        del snapshot   # every path restores θ itself; the snapshot serves only on an exception
         active = self.active_indices()
-        if x is not None and getattr(loss_fn, "zo_batched", False) is False:
+        if call.kind == "supervised":
+            loss_fn, x, y = call.fn, call.x, call.y
             engine = self._engine()
             if engine is not None:
                 def full_forward():
@@ -104,14 +110,14 @@ class CGE(ZOEstimator):
                     self._set_grads(grads)
                     self.last_engine = "fast"
                     return loss0
-        if getattr(loss_fn, "zo_batched", False):
-            return self._backward_batched(loss_fn, active)
-        return self._backward_naive(loss_fn, x, y, active)
+        if call.kind == "batched":
+            return self._backward_batched(call, active)
+        return self._backward_naive(call, active)
 
-    def _backward_naive(self, loss_fn: Objective, x, y, active) -> torch.Tensor:
-        """The reference loop: one full evaluation per coordinate and sign."""
+    def _backward_naive(self, call: ObjectiveCall, active: list[torch.Tensor]) -> torch.Tensor:
+        """The reference loop: one full evaluation per coordinate and sign, θ_j restored exactly."""
         self.last_engine = "naive"
-        loss0 = self._evaluate(loss_fn, x, y)
+        loss0 = self._evaluate(call)
         grads = []
         with torch.no_grad(), frozen_buffers(self.model):
             for (_, p), idx in zip(self.named_params, active):
@@ -120,10 +126,10 @@ class CGE(ZOEstimator):
                 for j in idx.tolist():
                     old = flat[j].clone()
                     flat[j] = old + self.mu
-                    plus = self._evaluate(loss_fn, x, y)
+                    plus = self._evaluate(call)
                     if self.central:
                         flat[j] = old - self.mu
-                        minus = self._evaluate(loss_fn, x, y)
+                        minus = self._evaluate(call)
                         g[j] = (plus - minus) / (2 * self.mu)
                     else:
                         g[j] = (plus - loss0) / self.mu
@@ -132,29 +138,31 @@ class CGE(ZOEstimator):
         self._set_grads(grads)
         return loss0
 
-    def _backward_batched(self, objective, active) -> torch.Tensor:
-        """Objective evaluating K perturbed parameter sets per call: ``objective(model, params)``."""
+    def _backward_batched(self, call: ObjectiveCall, active: list[torch.Tensor]) -> torch.Tensor:
+        """``objective(model, params)`` on ``objective_batch`` parameter sets per call.
+
+        Set k moves one coordinate j by +μ (and, central, the next set by −μ); the unperturbed
+        loss is row 0 of the first call. Queries: (d + 1)·Q forward, (2d + 1)·Q central, with Q
+        the objective's declared queries per set.
+        """
         self.last_engine = "batched"
-        K = self.chunk or 32
-        base = {n: p.detach() for n, p in self.named_params}
-        with torch.no_grad():
-            loss0 = objective(self.model, {n: v.unsqueeze(0) for n, v in base.items()}).reshape(-1)[0]
-            self.queries += int(getattr(objective, "zo_queries_per_call", 1))
-            jobs = [(i, j) for i, idx in enumerate(active) for j in idx.tolist()]
-            grads = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for _, p in self.named_params]
-            names = [n for n, _ in self.named_params]
-            with frozen_buffers(self.model):
-                for s in range(0, len(jobs), K):
-                    chunk = jobs[s:s + K]
-                    vals = []
-                    for h in ((self.mu, -self.mu) if self.central else (self.mu,)):
-                        params = {n: v.unsqueeze(0).repeat(len(chunk), *([1] * v.dim())) for n, v in base.items()}
-                        for k, (i, j) in enumerate(chunk):
-                            params[names[i]][k].view(-1)[j] += h
-                        vals.append(objective(self.model, params).reshape(-1))
-                        self.queries += int(getattr(objective, "zo_queries_per_call", 1)) * len(chunk)
-                    g = (vals[0] - vals[1]) / (2 * self.mu) if self.central else (vals[0] - loss0) / self.mu
-                    for k, (i, j) in enumerate(chunk):
-                        grads[i][j] = g[k]
+        jobs = [(i, j) for i, idx in enumerate(active) for j in idx.tolist()]
+        grads = [torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for _, p in self.named_params]
+        signs = (self.mu, -self.mu) if self.central else (self.mu,)
+
+        def fill(g0: int, g1: int, rows: list[torch.Tensor]) -> None:
+            for k, (i, j) in enumerate(jobs[g0:g1]):
+                for s, h in enumerate(signs):
+                    rows[i][k * len(signs) + s, j] += h
+
+        def consume(g0: int, g1: int, losses: torch.Tensor, loss0: torch.Tensor | None) -> None:
+            if self.central:
+                g = (losses[:, 0] - losses[:, 1]) / (2 * self.mu)
+            else:
+                g = (losses[:, 0] - loss0) / self.mu
+            for k, (i, j) in enumerate(jobs[g0:g1]):
+                grads[i][j] = g[k]
+
+        loss0 = self._batched(call, len(jobs), len(signs), fill, consume, base=True)
         self._set_grads(grads)
-        return loss0.detach()
+        return loss0

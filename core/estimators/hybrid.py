@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from core.estimators.base import ZOEstimator
+from core.estimators.base import LossFn, ZOEstimator, bind_objective, restore_on_error
 
 
 class Hybrid:
     """Combine ZO estimators (each owning some parameters) with backprop for ``fo_params``.
 
     The autograd pass runs with the ZO-owned parameters frozen, so no gradient is computed for them;
-    then each ZO estimator fills its own parameters' ``.grad``. ``queries`` sums the ZO estimators.
+    then each ZO estimator fills its own parameters' ``.grad``. ``queries`` sums the ZO estimators
+    (the autograd forward is not counted). Objectives: supervised ``loss_fn(model(x), y)``, general
+    ``objective(model)``, or batched ``objective(model, params)`` (its autograd pass evaluates one
+    parameter set, the current parameters). An exception anywhere in the step restores every
+    parameter and buffer to their values before it.
 
     Example::
 
@@ -23,7 +28,8 @@ class Hybrid:
         loss = hy.backward(F.cross_entropy, x, y)
     """
 
-    def __init__(self, model: nn.Module, *, zo: Sequence[ZOEstimator], fo_params: Iterable[nn.Parameter]) -> None:
+    def __init__(self, model: nn.Module, *, zo: Sequence[ZOEstimator],
+                 fo_params: Iterable[nn.Parameter]) -> None:
         self.model, self.zo, self.fo_params = model, list(zo), list(fo_params)
         owned = [id(p) for est in self.zo for _, p in est.named_params]
         if len(owned) != len(set(owned)) or set(owned) & {id(p) for p in self.fo_params}:
@@ -33,19 +39,30 @@ class Hybrid:
     def queries(self) -> int:
         return sum(est.queries for est in self.zo)
 
-    def backward(self, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def backward(self, loss_fn: LossFn, x: torch.Tensor | None = None, y: Any = None) -> torch.Tensor:
+        """Backprop into ``fo_params``, ZO estimates into the rest; returns the unperturbed loss."""
+        call = bind_objective(loss_fn, x, y)
         zo_params = [p for est in self.zo for _, p in est.named_params]
-        flags = [p.requires_grad for p in zo_params]
-        for p in zo_params:
-            p.requires_grad_(False)
-        try:
-            for p in self.fo_params:
-                p.grad = None
-            loss = loss_fn(self.model(x), y)
-            loss.backward()
-        finally:
-            for p, f in zip(zo_params, flags):
-                p.requires_grad_(f)
-        for est in self.zo:
-            est.backward(loss_fn, x, y)
-        return loss.detach()
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        with restore_on_error(self.model, list(self.fo_params) + zo_params):
+            flags = [p.requires_grad for p in zo_params]
+            for p in zo_params:
+                p.requires_grad_(False)
+            try:
+                for p in self.fo_params:
+                    p.grad = None
+                if call.kind == "supervised":
+                    loss = call.fn(self.model(call.x), call.y)
+                elif call.kind == "general":
+                    loss = call.fn(self.model)
+                else:
+                    one_set = {n: p.unsqueeze(0) for n, p in trainable.items()}     # K = 1: θ itself
+                    loss = call.fn(self.model, one_set).reshape(-1)[0]
+                if loss.requires_grad:
+                    loss.backward()
+            finally:
+                for p, f in zip(zo_params, flags):
+                    p.requires_grad_(f)
+            for est in self.zo:
+                est.backward(loss_fn, x, y)
+        return loss.detach().reshape(())

@@ -95,8 +95,11 @@ def resolve_config(args: argparse.Namespace, schema: type, preset_dir, extra_ove
     overrides = list(args.overrides) + list(extra_overrides)
     if getattr(args, "device", None):
         overrides.append(f"run.device={args.device}")
-    return build_config(schema, preset_dir=preset_dir, preset=(args.preset or args.default_preset) if preset_dir else args.preset, config_file=args.config,
-                        overrides=overrides)
+    cfg = build_config(schema, preset_dir=preset_dir, preset=(args.preset or args.default_preset) if preset_dir
+                       else args.preset, config_file=args.config, overrides=overrides)
+    if hasattr(getattr(cfg, "run", None), "device"):
+        resolve_device(cfg.run.device)          # an unusable device fails here, before anything runs
+    return cfg
 
 
 def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experiment: type, prog: str,
@@ -113,9 +116,9 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     setup_torch(args.threads)
     state = None
     if args.resume:
+        state = load_checkpoint(args.resume, app=experiment.app)
         if args.preset is not None:
             raise UserError("--resume takes the checkpoint's config: drop --preset (use --set for safe changes)")
-        state = load_checkpoint(args.resume, app=experiment.app)
         overrides = list(args.overrides) + list(extra_overrides)
         if getattr(args, "device", None):
             overrides.append(f"run.device={args.device}")

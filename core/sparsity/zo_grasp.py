@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from core.estimators.base import frozen_buffers
+from core.estimators.base import frozen_buffers, restore_on_error
 from core.sparsity.masks import _global_ratios, prunable
 
 
@@ -45,7 +45,11 @@ def _rge(model: nn.Module, loss: Callable[[], torch.Tensor], params: list[nn.Par
 def zo_grasp_scores(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, *, q: int = 192,
                     mu: float = 5e-3, generator: torch.Generator | None = None,
                     common_random_numbers: bool = True) -> dict[str, torch.Tensor]:
-    """GraSP scores −θ ⊙ Hg of every prunable weight, from 2q + 2 loss evaluations."""
+    """GraSP scores −θ ⊙ Hg of every prunable weight, from 2q + 2 loss evaluations.
+
+    The weights are perturbed in place and restored exactly; an exception in the middle (a black
+    box's budget, Ctrl-C) restores every weight and buffer before it propagates.
+    """
     named = prunable(model)
     params = list(named.values())
 
@@ -56,7 +60,7 @@ def zo_grasp_scores(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: tor
         return [[torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
                 for _ in range(q)]
 
-    with frozen_buffers(model):
+    with restore_on_error(model, params), frozen_buffers(model):
         dirs = draw()
         g0 = _rge(model, loss, params, dirs, mu)
         originals = [p.detach().clone() for p in params]
@@ -69,7 +73,8 @@ def zo_grasp_scores(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: tor
 
 
 def zo_grasp_ratios(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, sparsity: float, *,
-                    q: int = 192, mu: float = 5e-3, generator: torch.Generator | None = None) -> dict[str, float]:
+                    q: int = 192, mu: float = 5e-3,
+                    generator: torch.Generator | None = None) -> dict[str, float]:
     """Layer-wise pruning ratios whose size-weighted mean is ``sparsity``."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1); got {sparsity}")

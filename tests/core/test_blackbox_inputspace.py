@@ -73,3 +73,39 @@ def test_hybrid_fo_head_zo_body():
     for p, t in zip(model.parameters(), true):
         assert torch.allclose(p.grad, t, rtol=1e-5, atol=1e-9)
     assert hy.queries > 0
+
+
+def test_blackbox_max_batch_splits_calls_and_checks_the_budget_first():
+    sizes = []
+
+    def api(z):
+        assert z.shape[0] <= 4, "the API takes at most 4 samples per call"
+        sizes.append(z.shape[0])
+        return z * 3
+
+    bb = BlackBox(api, budget=20, max_batch=4)
+    x = torch.randn(10, 2)
+    assert torch.equal(bb(x), x * 3)
+    assert sizes == [4, 4, 2] and bb.queries == 10
+    with pytest.raises(BudgetExceeded, match="10 of 20"):
+        bb(torch.zeros(11, 2))                    # refused whole: no chunk is sent
+    assert sizes == [4, 4, 2] and bb.queries == 10
+    with pytest.raises(ValueError, match="max_batch"):
+        BlackBox(api, max_batch=0)
+
+
+def test_blackbox_query_state_round_trip_keeps_a_spent_budget():
+    bb = BlackBox(torch.tanh, budget=10, name="api")
+    bb(torch.zeros(7, 2))
+    state = bb.query_state()
+    assert state == {"queries": 7, "budget": 10}
+    fresh = BlackBox(torch.tanh, budget=1000, name="api")
+    fresh.load_query_state(state)
+    assert fresh.queries == 7 and fresh.budget == 10 and fresh.remaining == 3
+    with pytest.raises(BudgetExceeded):
+        fresh(torch.zeros(4, 2))
+    raised = BlackBox(torch.tanh, budget=1000, name="api")
+    raised.load_query_state(state, budget=False)  # a resume that raises the budget on purpose
+    assert raised.queries == 7 and raised.remaining == 993
+    with pytest.raises(ValueError, match="queries"):
+        fresh.load_query_state({"queries": -1, "budget": None})

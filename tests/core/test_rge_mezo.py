@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core import RGE, MeZO
+from core.estimators.mezo import direction_seed
 from tests.core.models import mlp
 
 
@@ -121,3 +122,69 @@ def test_mezo_never_holds_more_than_one_parameter_sized_direction():
         zo.step(lr=0.01)
     assert tracker.peak > 0
     assert tracker.peak <= largest < total
+
+
+# -- MeZO: BatchNorm statistics, direction seeds, exact restore, resume ----------------------------
+def test_mezo_in_train_mode_moves_batchnorm_running_stats_like_one_forward():
+    torch.manual_seed(0)
+    model = mlp().double().train()
+    reference = mlp().double().train()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 4, (8,))
+    zo = MeZO(model, q=3, seed=0)
+    loss = zo.backward(F.cross_entropy, x, y)
+    with torch.no_grad():
+        expected_loss = F.cross_entropy(reference(x), y)        # one ordinary training forward
+    for a, b in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+    assert not torch.equal(model[2].running_mean, torch.zeros(8, dtype=torch.float64))
+    assert torch.equal(loss, expected_loss)
+    assert zo.queries == 2 * 3 * 8 + 8                          # 2q perturbed + the unperturbed forward
+    model.eval()                                                 # eval mode: no extra forward
+    MeZO(model, q=3, seed=0).backward(F.cross_entropy, x, y)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_mezo_directions_never_repeat_across_steps_for_large_q():
+    """The former seed (seed·7919 + step)·131 + r gave step t, r = 131 the direction of step t+1, r = 0."""
+    p = nn.Parameter(torch.zeros(5))
+    zo = MeZO(nn.Linear(5, 1), q=200, seed=0)
+    seeds = {direction_seed(zo.seed, t, r, i) for t in range(3) for r in range(200) for i in range(2)}
+    assert len(seeds) == 3 * 200 * 2
+    z = torch.stack([zo._direction(t, r, 0, p, None) for t in range(3) for r in range(200)])
+    assert len(torch.unique(z, dim=0)) == 3 * 200
+
+
+def test_mezo_restores_float32_parameters_bit_exactly_after_many_estimates():
+    torch.manual_seed(0)
+    model = mlp().train()                                        # float32, BatchNorm in train mode
+    x, y = torch.randn(16, 12), torch.randint(0, 4, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    zo = MeZO(model, mu=1e-3, q=4, seed=1)
+    for _ in range(5):
+        zo.estimate(F.cross_entropy, x, y)
+    for a, p in zip(before, model.parameters()):
+        assert torch.equal(a, p)
+
+
+def test_mezo_resume_from_state_dict_reproduces_the_run():
+    torch.manual_seed(0)
+    a, b = mlp().double(), mlp().double()
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 4, (8,))
+    za = MeZO(a, q=2, seed=7)
+    for _ in range(3):
+        za.estimate(F.cross_entropy, x, y)
+        za.step(lr=0.1)
+    zb = MeZO(b, q=2, seed=7)
+    for _ in range(2):
+        zb.estimate(F.cross_entropy, x, y)
+        zb.step(lr=0.1)
+    resumed = MeZO(b, q=2, seed=123)
+    resumed.load_state_dict(zb.state_dict())
+    resumed.estimate(F.cross_entropy, x, y)
+    resumed.step(lr=0.1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.queries == za.queries

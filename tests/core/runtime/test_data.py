@@ -4,8 +4,27 @@ import numpy as np
 import pytest
 import torch
 
-from core.runtime.data import load_cifar10, load_dataset, load_imagefolder
-from core.runtime.errors import UserError
+from core.runtime.data import CIFAR_MEAN, CIFAR_STD, load_cifar10, load_dataset, load_imagefolder
+
+
+def _standardise(pixels, d):
+    """What normalize=True must give: (pixels − mean_c) / std_c with the data set's own mean and std."""
+    mean = torch.tensor(d.mean).view(1, -1, 1, 1)
+    std = torch.tensor(d.std).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def _assert_pixels_and_normalisation(raw, norm):
+    """raw: normalize=False; norm: normalize=True (today's behaviour), bit for bit its standardisation."""
+    for split in ("train", "test"):
+        x = getattr(raw, split).x
+        assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert torch.equal(getattr(raw, split).y, getattr(norm, split).y)
+        assert torch.equal(_standardise(x, raw), getattr(norm, split).x)
+    assert (raw.mean, raw.std) == (norm.mean, norm.std) and len(raw.mean) == raw.input_shape[0]
+    assert norm.normalized and not raw.normalized
+    assert norm.normalization == {"mean": list(norm.mean), "std": list(norm.std)}
+    assert raw.normalization is None
 
 
 def test_mnist_is_the_real_shipped_digits_with_a_fixed_stratified_split():
@@ -17,9 +36,20 @@ def test_mnist_is_the_real_shipped_digits_with_a_fixed_stratified_split():
     assert abs(float(a.train.x.mean())) < 0.2 and abs(float(a.train.x.std()) - 1) < 0.2
 
 
+def test_mnist_pixels_carry_the_standard_normalisation():
+    raw, norm = load_dataset("mnist", normalize=False), load_dataset("mnist")
+    _assert_pixels_and_normalisation(raw, norm)
+    assert raw.mean == (0.1307,) and raw.std == (0.3081,)
+    assert float(raw.train.x.max()) == 1.0                        # /255: white pixels are exactly 1
+
+
 def test_digits():
     d = load_dataset("digits")
     assert d.input_shape == (1, 8, 8) and len(d.train) + len(d.test) == 1797
+    raw = load_dataset("digits", normalize=False)
+    _assert_pixels_and_normalisation(raw, d)
+    assert raw.mean[0] == pytest.approx(float(raw.train.x.mean())) and raw.std[0] == pytest.approx(
+        float(raw.train.x.std()))                                 # the training split's statistics
 
 
 def _write_cifar(root, n=4):
@@ -46,25 +76,61 @@ def test_cifar10_reads_the_real_on_disk_format(tmp_path):
     assert d.test.y.tolist() == [int(v) for v in raw["labels"]]
 
 
+def test_cifar10_pixels_are_the_archive_bytes_over_255(tmp_path):
+    folder = _write_cifar(tmp_path)
+    raw_d = load_dataset("cifar10", str(tmp_path), normalize=False)
+    _assert_pixels_and_normalisation(raw_d, load_dataset("cifar10", str(tmp_path)))
+    assert (raw_d.mean, raw_d.std) == (CIFAR_MEAN, CIFAR_STD)
+    raw = pickle.loads((folder / "test_batch").read_bytes())
+    expected = torch.tensor(raw["data"][1].reshape(3, 32, 32), dtype=torch.float32) / 255.0
+    assert torch.equal(raw_d.test.x[1], expected)
+
+
 def test_missing_or_wrong_data_directories_say_what_to_put_where(tmp_path):
-    with pytest.raises(UserError, match="needs --data-root"):
+    with pytest.raises(ValueError, match="needs --data-root"):
         load_cifar10(None)
-    with pytest.raises(UserError, match="--data-root not found"):
+    with pytest.raises(FileNotFoundError, match="--data-root not found"):
         load_cifar10(str(tmp_path / "nope"))
-    with pytest.raises(UserError, match=r"cifar-10-batches-py/ with data_batch_1..5"):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py/ with data_batch_1..5"):
         load_cifar10(str(tmp_path))
-    with pytest.raises(UserError, match=r"train/<class name>"):
+    with pytest.raises(FileNotFoundError, match=r"train/<class name>"):
         load_imagefolder(str(tmp_path))
+    with pytest.raises(ValueError, match="needs --data-root DIR with train/<class>/"):
+        load_imagefolder(None)
+    with pytest.raises(ValueError, match=r"unknown data set 'svhn'; available: mnist, digits, cifar10, "
+                                         r"imagefolder"):
+        load_dataset("svhn")
+
+
+def test_unreadable_cifar_files_are_a_one_line_value_error(tmp_path):
+    folder = _write_cifar(tmp_path)
+    (folder / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="cannot read CIFAR-10 from") as info:
+        load_cifar10(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def _write_images(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
 
 
 def test_imagefolder(tmp_path):
-    from PIL import Image
-
-    for split in ("train", "val"):
-        for c in ("cat", "dog"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(np.full((20, 20, 3), 40 * i + (c == "dog") * 100, dtype=np.uint8)).save(
-                    tmp_path / split / c / f"{i}.png")
+    _write_images(tmp_path)
     d = load_imagefolder(str(tmp_path), image_size=16)
     assert d.num_classes == 2 and d.train.x.shape == (4, 3, 16, 16) and d.test.y.tolist() == [0, 0, 1, 1]
+
+
+def test_imagefolder_pixels_carry_the_training_channel_statistics(tmp_path):
+    _write_images(tmp_path)
+    raw = load_dataset("imagefolder", str(tmp_path), image_size=16, normalize=False)
+    _assert_pixels_and_normalisation(raw, load_dataset("imagefolder", str(tmp_path), image_size=16))
+    per_channel = raw.train.x.mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(raw.mean), per_channel) and len(raw.std) == 3

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,63 @@ def test_real_mlflow_server_round_trip(tmp_path, monkeypatch):
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
     assert server.poll() is not None
+
+
+def test_sqlite_store_keeps_artifacts_beside_its_database_from_any_directory(tmp_path, monkeypatch):
+    """MLflow's own default for a client-side sqlite store is ./mlruns of the current directory."""
+    from mlflow.tracking import MlflowClient
+
+    from core.runtime.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, artifact_root, mark_model_training
+
+    db = tmp_path / "store" / "runs.db"
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path / "home"))
+    run_ids = []
+    for where in ("a", "b"):                               # two runs started from two directories
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        with Tracker("unit", run_name=where) as tr:
+            tr.log_text(f"from {where}", "notes/readme.txt")
+        run_ids.append(tr.run_id)
+        assert not (tmp_path / where / "mlruns").exists() and os.listdir(tmp_path / where) == []
+    assert artifact_root(uri) == tmp_path / "store" / "artifacts"
+    for where, run_id in zip("ab", run_ids):
+        assert (tmp_path / "store" / "artifacts" / "unit" / run_id / "artifacts" / "notes" / "readme.txt"
+                ).read_text() == f"from {where}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("deepzero/unit")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert exp.artifact_location == (tmp_path / "store" / "artifacts" / "unit").as_uri()
+
+    # a named experiment; an older deepzero experiment without the kind tag gets it on next use
+    with Tracker("unit", experiment="team/study 1") as tr:
+        pass
+    named = client.get_experiment_by_name("team/study 1")
+    assert named.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    assert named.artifact_location.endswith("/store/artifacts/team_study_1")
+    assert client.get_run(tr.run_id).info.experiment_id == named.experiment_id
+    old = client.create_experiment("deepzero/old")
+    other = client.create_experiment("somebody-else")
+    with Tracker("old"):
+        pass
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    older = client.create_experiment("deepzero/older")
+    assert mark_model_training(client) == [older]
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(other).tags    # not ours: left alone
+    assert not (tmp_path / "b" / "mlruns").exists()
+
+
+def test_artifact_root_for_each_kind_of_store(tmp_path, monkeypatch):
+    from core.runtime.tracking import artifact_root
+
+    monkeypatch.chdir(tmp_path)
+    assert artifact_root("sqlite:///rel/m.db") == tmp_path / "rel" / "artifacts"   # as sqlite opens it
+    assert artifact_root("sqlite:////abs/dir/m.db") == Path("/abs/dir/artifacts")
+    assert artifact_root("sqlite:///:memory:") is None
+    for server in ("http://127.0.0.1:5000", "https://mlflow.example.org", "postgresql://u@h/db",
+                   "databricks"):
+        assert artifact_root(server) is None                                    # the server's choice
+    monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert artifact_root() == tmp_path / "mlflow" / "artifacts"                   # the embedded default

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from applications.classification.models import ResNet20, count_params, lenet5, small_cnn
+from core.models import ResNet20, count_params, lenet5, small_cnn
 from core import CGE, SparsityPlan
 
 
