@@ -93,6 +93,24 @@ def apply(rep: Rep, fn) -> Rep:
     return Chan(rep.idx, fn(rep.v)) if isinstance(rep, Chan) else Feat(rep.cols, fn(rep.v))
 
 
+def combine(rep: Rep, oc: torch.Tensor, fn, rep_first: bool) -> Rep:
+    """``fn(a, b)`` element-wise, one operand perturbed (``rep``), the other unchanged and of the same shape.
+
+    ``oc``: the unchanged operand, channel-major. An element-wise op keeps a Chan a Chan and a
+    Feat a Feat (only the changed channel/columns differ from the cached result), so
+    ``x − net(x)`` or a gate ``a · b`` costs the size of the change, not of the tensor.
+    ``rep_first``: the perturbed value is ``a`` (operand order matters for −, /, pow).
+    """
+    def f(v, o):
+        return fn(v, o) if rep_first else fn(o, v)
+
+    if isinstance(rep, Chan):
+        return Chan(rep.idx, f(rep.v, oc.index_select(0, rep.idx)))       # [K, B, *sp]
+    if isinstance(rep, Feat):
+        return Feat(rep.cols, f(rep.v, oc[rep.cols]))                      # [K, S, B]
+    return Full(f(rep.t, oc.unsqueeze(0)))
+
+
 # ---------------------------------------------------------------------------------------------
 # channel-wise layers
 ELEMENTWISE = (nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, nn.SiLU, nn.Softplus,
@@ -230,13 +248,17 @@ def propagate_module(m: nn.Module, rep: Rep, xc: torch.Tensor, yc: torch.Tensor,
                      inplace: bool = False) -> Rep | None:
     """The perturbed output of module ``m`` (None: no closed form here; the caller falls back).
 
-    ``xc``/``yc``: cached input/output, channel-major; ``per_sample_dims``: dims of one sample's input.
+    ``xc``/``yc``: cached input/output, channel-major; ``per_sample_dims``: dims of one sample's input;
+    ``inplace``: ``rep``'s tensors are read by nothing else and may be overwritten. An activation
+    built with ``inplace=True`` otherwise works on a copy.
     """
     if isinstance(m, nn.ReLU):
         return apply(rep, lambda a: F.relu(a, inplace=inplace))
     if isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and not m.training):
         return rep
     if isinstance(m, ELEMENTWISE):
+        if getattr(m, "inplace", False) and not inplace:
+            return apply(rep, lambda a: m(a.clone()))
         return apply(rep, m)
     if isinstance(m, POOLS):
         if per_sample_dims != 3 or isinstance(rep, Feat):

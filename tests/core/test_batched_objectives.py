@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import (CGE, RGE, BlackBox, MeZO, batched_objective, call_stacked, objective, stacked_forward)
-from tests.core.models import Untraceable, mlp
+from tests.core.toy_models import Untraceable, mlp
 
 B = 6
 

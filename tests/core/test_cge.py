@@ -1,9 +1,11 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from core import CGE, SparsityPlan, random_ratios
-from tests.core.models import Odd, ResBlockNet, Untraceable, mlp, small_cnn
+from tests.core.toy_models import Odd, ResBlockNet, Untraceable, mlp, small_cnn
 
 
 def _inputs(model_name, B=6, dtype=torch.float64):
@@ -136,3 +138,91 @@ def test_bad_arguments_raise():
         CGE(mlp(), engine="turbo")
     with pytest.raises(ValueError, match="cannot analyse"):
         CGE(Untraceable(), engine="fast").backward(F.cross_entropy, *_inputs("untraceable", dtype=torch.float32))
+
+
+# -- losses: the closed-form cross-entropy only for exactly what it reproduces ------------------------
+class _DoubledCE(torch.nn.CrossEntropyLoss):
+    def forward(self, out, y):
+        return 2 * super().forward(out, y)
+
+
+def _branchy_loss(out, y):
+    """Python control flow on a value: torch.vmap cannot batch it, the loop must."""
+    ce = F.cross_entropy(out, y)
+    return ce if float(ce) > 0 else -ce
+
+
+LOSSES = {
+    "F.cross_entropy": (F.cross_entropy, "cross_entropy"),
+    "CrossEntropyLoss()": (torch.nn.CrossEntropyLoss(), "cross_entropy"),
+    "weight": (torch.nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25],
+                                                             dtype=torch.float64)), "vmap"),
+    "ignore_index": (torch.nn.CrossEntropyLoss(ignore_index=1), None),
+    "label_smoothing": (torch.nn.CrossEntropyLoss(label_smoothing=0.1), "vmap"),
+    "reduction=sum": (torch.nn.CrossEntropyLoss(reduction="sum"), "vmap"),
+    "partial(label_smoothing)": (functools.partial(F.cross_entropy, label_smoothing=0.1), "vmap"),
+    "partial(ignore_index)": (functools.partial(F.cross_entropy, ignore_index=3), None),
+    "subclass": (_DoubledCE(), "vmap"),
+    "lambda": (lambda out, y: F.cross_entropy(out, y) + 0.1 * out.square().mean(), "vmap"),
+    "control flow (no vmap)": (_branchy_loss, "loop"),
+}
+
+
+@pytest.mark.parametrize("central", [False, True], ids=["forward", "central"])
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_loss_option_equals_naive_loop(name, central):
+    loss_fn, path = LOSSES[name]
+    torch.manual_seed(0)
+    model = small_cnn().double()
+    x, y = _inputs("cnn")
+    y[::2] = torch.tensor([1, 3, 1])           # labels equal to the ignore_index of the cases above
+    zo = CGE(model, central=central)
+    loss_fast = zo.backward(loss_fn, x, y)
+    g_fast = _grads(model).clone()
+    loss_naive = CGE(model, central=central, engine="naive").backward(loss_fn, x, y)
+    assert zo.last_engine == "fast"
+    assert torch.allclose(loss_fast, loss_naive, rtol=1e-12)
+    rel = (g_fast - _grads(model)).norm() / _grads(model).norm()
+    assert rel <= 1e-9, f"relative difference {rel:.2e}"
+    if path is not None:                       # ignore_index: vmap or loop, whichever agrees
+        assert zo._fast.losses.path == path
+    else:
+        assert zo._fast.losses.path in ("vmap", "loop")
+
+
+def test_wrong_vmap_result_is_caught_on_first_use(monkeypatch):
+    """If vmap silently computes something else than the loop, the engine keeps the loop."""
+    real_vmap = torch.vmap
+
+    def off_by_one_vmap(fn, *args, **kwargs):
+        batched = real_vmap(fn, *args, **kwargs)
+        return lambda *a: batched(*a) + 1.0
+
+    monkeypatch.setattr(torch, "vmap", off_by_one_vmap)
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = _inputs("mlp")
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2)
+    zo = CGE(model, chunk=5)
+    zo.backward(loss_fn, x, y)
+    assert zo._fast.losses.path == "loop"
+    g_fast = _grads(model).clone()
+    CGE(model, engine="naive").backward(loss_fn, x, y)
+    assert torch.allclose(g_fast, _grads(model), rtol=1e-9, atol=1e-13)
+
+
+def test_a_bug_in_the_loss_is_not_swallowed():
+    """A loss that fails on perturbed outputs raises (vmap's error is not the end of the story)."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = _inputs("mlp")
+    first = {}
+
+    def loss_fn(out, y):
+        first.setdefault("out", out.clone())
+        if not torch.equal(out, first["out"]):
+            raise KeyError("perturbed output")   # not an error vmap raises: must propagate
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(KeyError, match="perturbed output"):
+        CGE(model).backward(loss_fn, x, y)

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from core import RGE, MeZO
 from core.estimators.mezo import direction_seed
-from tests.core.models import mlp
+from tests.core.toy_models import mlp
 
 
 class Quadratic(nn.Module):

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from core import CGE, SparsityPlan, zo_grasp_ratios
 from core.runtime.data import batches, load_dataset
-from tests.core.models import small_cnn
+from tests.core.toy_models import small_cnn
 
 
 def test_two_epochs_of_sparse_cge_on_digits_beat_chance_widely():

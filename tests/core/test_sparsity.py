@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from core import SparsityPlan, magnitude_ratios, random_ratios, zo_grasp_ratios
 from core.sparsity import load_ratios, prunable, save_ratios, zo_grasp_scores
-from tests.core.models import small_cnn
+from tests.core.toy_models import small_cnn
 
 
 def _data():
