@@ -1,8 +1,4 @@
-"""The model zoo: shapes, parameter counts, starting behaviour, specs, and the fast CGE engine.
-
-No __init__.py here: tests/core/models.py (the engine tests' toy models) would be shadowed by a
-package of the same name.
-"""
+"""The model zoo: shapes, parameter counts, starting behaviour, specs, and the fast CGE engine."""
 import pytest
 import torch
 import torch.nn.functional as F
