@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from core import CGE
 from core.engine import EngineUnsupported, FastCGE
-from tests.core import models as M
+from tests.core import toy_models as M
 
 
 def _data(shape, *, classes=4, regression=False):
