@@ -11,6 +11,7 @@ VERBS = {
     "train": "train a model by ZO (sparse CGE by default), RGE, MeZO or backprop",
     "prune": "ZO-GraSP at initialisation: layer-wise pruning ratios as a table and a JSON file",
     "study": "CGE vs RGE vs FO across CNN depths (DeepZero Fig. 2), one parent run with a child per cell",
+    "evaluate": "score a checkpoint's model on a data split and log the result as a run",
 }
 
 
@@ -42,6 +43,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true",
                    help="reduced grid to check the pipeline: depths 1-2, one seed, 2 epochs, 512 images")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e = sub.add_parser("evaluate", help=VERBS["evaluate"], description=VERBS["evaluate"])
+    e.add_argument("checkpoint", help="a checkpoint written by 'deepzero classify train'")
+    e.add_argument("--split", default="test", help="test (default) or train")
+    e.add_argument("--data-root", help="directory of cifar10 / imagefolder data (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    add_runtime_args(e)
     return p
 
 
@@ -111,13 +118,55 @@ def _prune(args) -> int:
                 "depth": cfg.model.depth, "seed": cfg.run.seed}
         path = save_ratios(out, exp.ratios, meta)
     table = tsv(ratio_table(exp.model, exp.ratios))
-    kw = {"experiment": cfg.run.experiment} if cfg.run.experiment else {}
-    with Tracker("classify", run_name=f"prune-{cfg.zo.ratios}-{cfg.model.arch}", **kw) as tr:
+    with Tracker("classify", experiment=cfg.run.experiment, run_name=f"prune-{cfg.zo.ratios}-{cfg.model.arch}") as tr:
         tr.log_params(flatten(cfg))
         tr.log_artifact(path, "sparsity")
         tr.log_text(table, "sparsity/ratios.tsv")
     print(table, end="")
     print(f"saved {path}  (use: deepzero classify train --ratios {path})")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from core.runtime.checkpoint import load_checkpoint
+    from core.runtime.cli import resolve_device, setup_torch
+    from core.runtime.errors import UserError
+    from core.runtime.experiment import user_errors
+    from core.runtime.tracking import Tracker
+
+    setup_torch(args.threads)
+    if args.split not in ("test", "train"):
+        raise UserError(f"--split must be test or train; got '{args.split}'")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.device:
+        resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint, app="classify")
+    if not state.get("model_spec"):
+        raise UserError(f"checkpoint {args.checkpoint} does not describe its model (written by an older version)")
+    device = resolve_device(args.device or state["config"]["run"]["device"])
+    from applications.classification.train import evaluate
+    from core.models import from_spec
+    from core.runtime.data import load_dataset
+
+    data_cfg = state["config"]["data"]
+    with user_errors():
+        model = from_spec(state["model_spec"], state["model"]).to(device)   # takes [0, 1] pixels
+        data = load_dataset(data_cfg["name"], args.data_root or data_cfg["data_root"],
+                            image_size=data_cfg["image_size"], normalize=False)
+    split = getattr(data, args.split)
+    split.x, split.y = split.x.to(device), split.y.to(device)
+    acc, loss = evaluate(model, split, args.batch_size, device)
+    source = state.get("mlflow_run_id")
+    cfg = state["config"]
+    with Tracker("classify", experiment=cfg["run"].get("experiment"),
+                 run_name=f"evaluate-{(source or 'run')[:8]}-{args.split}") as tr:
+        tr.log_params({"checkpoint": str(args.checkpoint), "split": args.split, "data.name": data_cfg["name"],
+                       "model.arch": state["model_spec"]["arch"]})
+        tr.set_tags({"deepzero.source_run": source or "", "deepzero.verb": "evaluate"})
+        tr.log_metrics({f"{args.split}_accuracy": acc, f"{args.split}_loss": loss, "samples": len(split)})
+    print(f"{args.split} accuracy {acc:.4f}  loss {loss:.4f}  ({len(split)} samples, epoch {state['epoch']} of run "
+          f"{source}); logged as run {tr.run_id}")
     return 0
 
 
@@ -133,5 +182,5 @@ def _study(args) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "deepzero classify") -> int:
     args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
-    handler = {"train": _train, "prune": _prune, "study": _study}[args.verb]
+    handler = {"train": _train, "prune": _prune, "study": _study, "evaluate": _evaluate}[args.verb]
     return run_guarded(lambda: handler(args), f"{prog} {args.verb}")

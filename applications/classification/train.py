@@ -51,7 +51,6 @@ class ClassifyExperiment(Experiment):
     """One classification run: data, model, sparsity plan, estimator, SGD with warm-up + cosine."""
 
     app = "classify"
-    metrics = ("test_accuracy", "train_loss", "queries", "wall_time_s")
     stop_errors = (BudgetExceeded,)
     plot_metric = "test_accuracy"
 

@@ -121,13 +121,7 @@ def batched_objective(fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.T
         fn: the objective (bare ``@batched_objective``) or None (``@batched_objective(queries=B)``).
         queries: per-sample model evaluations ONE parameter set costs (B for a batch of B).
 
-    Example::
-
-        @batched_objective(queries=x.shape[0])
-        def loss(model, params):
-            logits = stacked_forward(model, params, x)                         # [K, B, C]
-            return F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1),
-                                   reduction="none").mean(1)                   # [K]
+    Example: see :func:`core.stacked_forward`, and the README's solver-in-the-loop rollout.
     """
     return _declare(BatchedObjective, fn, queries)
 

@@ -38,8 +38,8 @@ class _Bound(nn.Module):
         self.m = model
         self.fn = fn
 
-    def forward(self) -> Any:
-        return self.fn(self.m)
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.fn(self.m, *inputs)
 
 
 def _check(model: nn.Module, params: dict[str, torch.Tensor]) -> int:
@@ -62,7 +62,8 @@ def _check(model: nn.Module, params: dict[str, torch.Tensor]) -> int:
 
 
 def call_stacked(model: nn.Module, params: dict[str, torch.Tensor],
-                 fn: Callable[[nn.Module], torch.Tensor], *, vmap: bool | None = None) -> torch.Tensor:
+                 fn: Callable[..., torch.Tensor], *, vmap: bool | None = None,
+                 inputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """``fn(model)`` under each of K parameter sets: ``out[k] = fn(model with params[name][k])``.
 
     Args:
@@ -71,17 +72,23 @@ def call_stacked(model: nn.Module, params: dict[str, torch.Tensor],
         fn: ``fn(model) -> tensor`` (e.g. a loss, or logits).
         vmap: ``None`` (default) vectorise with ``torch.vmap`` where it works, else loop over the
             K sets; ``True`` require vmap (its error propagates); ``False`` always loop.
+        inputs: per-set tensors ``[K, ...]``; set k calls ``fn(model, *(t[k] for t in inputs))``
+            (e.g. the K diverging states of K solver rollouts).
     Returns:
         ``[K, *fn's output shape]``.
     """
     K = _check(model, params)
+    for t in inputs:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != K:
+            raise ValueError(f"every per-set input must be a [K, ...] tensor with K = {K}; got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     bound = _Bound(model, fn)
     stacked = {"m." + n: v for n, v in params.items()}
     use_vmap = vmap if vmap is not None else (model not in _NO_VMAP and
                                               not any(isinstance(m, BlackBox) for m in model.modules()))
     if use_vmap:
         try:
-            return _vmapped(model, bound, stacked, K)
+            return _vmapped(model, bound, stacked, K, inputs)
         except RuntimeError as exc:   # vmap cannot run this model: fall back below, or raise if asked
             if vmap:
                 raise
@@ -90,28 +97,31 @@ def call_stacked(model: nn.Module, params: dict[str, torch.Tensor],
             warnings.warn(f"torch.vmap cannot run {type(model).__name__} ({reason}); evaluating the {K} "
                           "parameter sets one by one (same results, slower)", RuntimeWarning, stacklevel=2)
     with frozen_buffers(model):
-        outs = [functional_call(bound, {n: v[k] for n, v in stacked.items()}, ()) for k in range(K)]
+        outs = [functional_call(bound, {n: v[k] for n, v in stacked.items()}, tuple(t[k] for t in inputs))
+                for k in range(K)]
     return torch.stack([torch.as_tensor(o) for o in outs])
 
 
-def _vmapped(model: nn.Module, bound: nn.Module, stacked: dict[str, torch.Tensor], K: int) -> torch.Tensor:
+def _vmapped(model: nn.Module, bound: nn.Module, stacked: dict[str, torch.Tensor], K: int,
+             inputs: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     # In train mode BatchNorm writes its running statistics in place: give each set a throwaway copy
     # of the buffers ([K, *shape]) so the writes stay inside vmap; otherwise the buffers are shared.
     train_stats = any(m.training and getattr(m, "running_mean", None) is not None for m in model.modules())
     buffers = {"m." + n: b.detach().unsqueeze(0).repeat(K, *([1] * b.dim()))
                for n, b in model.named_buffers()} if train_stats else {}
 
-    def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(bound, {**p, **b}, ())
+    def one(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *a: torch.Tensor) -> torch.Tensor:
+        return functional_call(bound, {**p, **b}, a)
 
-    return torch.vmap(one)(stacked, buffers)
+    return torch.vmap(one)(stacked, buffers, *inputs)
 
 
 def stacked_forward(model: nn.Module, params: dict[str, torch.Tensor], *args: Any, vmap: bool | None = None,
-                    **kwargs: Any) -> torch.Tensor:
+                    per_set: bool = False, **kwargs: Any) -> torch.Tensor:
     """``model(*args, **kwargs)`` under each of K parameter sets -> ``[K, *output shape]``.
 
-    The inputs are shared by the K sets (not stacked). See :func:`call_stacked`.
+    The inputs are shared by the K sets, or, with ``per_set=True``, the positional ``args`` are
+    ``[K, ...]`` tensors and set k gets ``args[i][k]``. See :func:`call_stacked`.
 
     Example::
 
@@ -121,4 +131,6 @@ def stacked_forward(model: nn.Module, params: dict[str, torch.Tensor], *args: An
             return F.cross_entropy(logits.transpose(1, 2), y.expand(len(logits), -1),
                                    reduction="none").mean(1)                 # [K]
     """
+    if per_set:
+        return call_stacked(model, params, lambda m, *a: m(*a, **kwargs), vmap=vmap, inputs=tuple(args))
     return call_stacked(model, params, lambda m: m(*args, **kwargs), vmap=vmap)

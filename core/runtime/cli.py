@@ -135,9 +135,8 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
         exp.load_state_dict(state)
     from core.runtime.tracking import Tracker
 
-    kw = {"experiment": cfg.run.experiment} if cfg.run.experiment else {}
-    with Tracker(experiment.app, run_name=cfg.run.run_name or exp.run_name(),
-                 run_id=state["mlflow_run_id"] if state else None, **kw) as tr:
+    with Tracker(experiment.app, experiment=cfg.run.experiment, run_name=cfg.run.run_name or exp.run_name(),
+                 run_id=state["mlflow_run_id"] if state else None) as tr:
         print(f"run {tr.run_id}: {exp.summary()}{' (resumed)' if state else ''}", flush=True)
         resume = f"{prog} --resume {{checkpoint}}"
         out = run_experiment(exp, tr, progress=not args.no_progress, on_epoch=on_epoch or print_epoch,

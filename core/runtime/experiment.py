@@ -5,7 +5,6 @@ from the config, the batches of an epoch, one training step and an evaluation::
 
     class MyExperiment(Experiment):
         app = "myapp"
-        metrics = ("test_mse", "queries")           # what `deepzero runs` shows
 
         def __init__(self, cfg, *, resume=None):
             super().__init__(cfg, resume=resume)
@@ -85,7 +84,6 @@ class Experiment:
     """
 
     app: str = ""
-    metrics: tuple[str, ...] = ()                 # key metrics, shown by `deepzero runs`
     stop_errors: tuple[type[BaseException], ...] = ()
     plot_metric: str | None = None                 # metric plotted against epoch, queries and wall time
 
@@ -164,7 +162,7 @@ class Experiment:
         if self.estimator is None:
             loss = loss_fn(self.model(x), y) if x is not None else loss_fn(self.model)
             loss.backward()
-            self.fo_queries += int(x.shape[0]) if x is not None else 1
+            self.fo_queries += int(x.shape[0]) if x is not None else int(getattr(loss_fn, "queries", 1))
         else:
             loss = self.estimator.backward(loss_fn, x, y)
         if not torch.isfinite(loss):
@@ -189,8 +187,7 @@ class Experiment:
                 "scheduler": sd(self.scheduler), "estimator": sd(self.estimator), "plan": sd(self.plan),
                 "ratios": self.ratios, "rng": get_rng_state(), "history": self.history, "wall_time_s": self.wall,
                 "fo_queries": self.fo_queries, "mlflow_run_id": run_id,
-                "blackboxes": {n: {"queries": int(b.queries), "budget": b.budget}
-                               for n, b in self.blackboxes().items()},
+                "blackboxes": {n: b.query_state() for n, b in self.blackboxes().items()},
                 "app_state": self.app_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -207,8 +204,8 @@ class Experiment:
             saved = state.get("blackboxes") or {}
             if set(saved) != set(boxes):
                 raise ValueError(f"black boxes differ: checkpoint {sorted(saved)}, model {sorted(boxes)}")
-            for name, box in boxes.items():
-                box.queries = int(saved[name]["queries"])
+            for name, box in boxes.items():      # spent queries stay spent; the budget is the config's
+                box.load_query_state(saved[name], budget=False)
             self.load_app_state(state.get("app_state") or {})
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"checkpoint does not match this config/model: {str(exc).splitlines()[0][:200]}")
@@ -418,13 +415,12 @@ def run_sweep(app: str, cells: Sequence[tuple[str, Any]], run_cell: Callable[[st
     from core.runtime.tracking import Tracker
 
     rows: list[dict[str, Any]] = []
-    kw = {"experiment": experiment} if experiment else {}
-    with Tracker(app, run_name=name, **kw) as parent:
+    with Tracker(app, experiment=experiment, run_name=name) as parent:
         if params:
             parent.log_params(params)
         parent.set_tags({"deepzero.sweep": "parent", "deepzero.cells": len(cells)})
         for cell_name, cell_cfg in cells:
-            with Tracker(app, run_name=cell_name, parent_run_id=parent.run_id, **kw) as child:
+            with Tracker(app, experiment=experiment, run_name=cell_name, parent_run_id=parent.run_id) as child:
                 row = run_cell(cell_name, cell_cfg, child)
             rows.append({"cell": cell_name, **row, "run_id": child.run_id})
         if rows:

@@ -23,22 +23,30 @@ def _options(home, *cmd):
     return proc.stdout
 
 
+def _positionals(help_text):
+    """Dummy values for a verb's positional arguments (a path that does not exist)."""
+    m = re.search(r"positional arguments:\n(.*?)\n\n", help_text, re.S)
+    names = re.findall(r"^  (\S+)", m.group(1), re.M) if m else []
+    return ["/nonexistent/input" for _ in names]
+
+
 def test_every_verb_rejects_malformed_arguments_in_one_line(tmp_path):
     cases = []
     for app in APPS:
         for verb in _verbs(tmp_path, app):
             help_text = _options(tmp_path, app, verb)
             cases.append(((app, verb, "--no-such-flag"), f"deepzero {app} {verb} --help"))
+            verb = (verb, *_positionals(help_text))
             if "--set" in help_text:
-                cases.append(((app, verb, "--set", "nokey"), "expected key=value"))
-                cases.append(((app, verb, "--set", "bogus.key=1"), "unknown config key 'bogus"))
-                cases.append(((app, verb, "--preset", "no-such-preset"), "unknown preset"))
+                cases.append(((app, *verb, "--set", "nokey"), "expected key=value"))
+                cases.append(((app, *verb, "--set", "bogus.key=1"), "unknown config key 'bogus"))
+                cases.append(((app, *verb, "--preset", "no-such-preset"), "unknown preset"))
             if "--threads" in help_text:
-                cases.append(((app, verb, "--threads", "0"), "--threads must be >= 1"))
+                cases.append(((app, *verb, "--threads", "0"), "--threads must be >= 1"))
             if "--device" in help_text:
-                cases.append(((app, verb, "--device", "tpu9"), "unknown device"))
+                cases.append(((app, *verb, "--device", "tpu9"), "unknown device"))
             if "--resume" in help_text:
-                cases.append(((app, verb, "--resume", str(tmp_path / "missing.pt")), "does not exist"))
+                cases.append(((app, *verb, "--resume", str(tmp_path / "missing.pt")), "does not exist"))
     for tool in TOOLS:
         cases.append(((tool, "--no-such-flag"), f"deepzero {tool} --help"))
     cases.append((("runs", "--format", "xml"), "--format must be one of"))

@@ -26,6 +26,24 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert {"plots/accuracy_vs_epoch.png", "plots/accuracy_vs_queries.png", "plots/accuracy_vs_wall_time.png"} <= plots
     assert "sparsity/ratios.json" in {a.path for a in client.list_artifacts(run.info.run_id, "sparsity")}
     assert len(client.get_metric_history(run.info.run_id, "step_loss")) == 2 * 63
+    # the checkpoint describes its model: `evaluate` rebuilds it (Normalize first, [0, 1] pixels)
+    (ckpt,) = (tmp_path / "runs" / "classify").glob("*/checkpoint.pt")
+    proc = deepzero("classify", "evaluate", str(ckpt), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = float(proc.stdout.split("test accuracy ")[1].split()[0])
+    assert abs(got - acc[-1].value) <= 2e-3, (got, acc[-1].value)
+    evals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("deepzero.verb") == "evaluate"]
+    assert len(evals) == 1 and evals[0].data.tags["deepzero.source_run"] == run.info.run_id
+    # export
+    import json
+
+    proc = deepzero("runs", "--format", "json", home=tmp_path)
+    records = json.loads(proc.stdout)
+    assert {r["run_id"] for r in records} == {run.info.run_id, evals[0].info.run_id}
+    assert [r for r in records if r["run_id"] == run.info.run_id][0]["metrics"]["test_accuracy"] == acc[-1].value
+    proc = deepzero("runs", "--format", "csv", "--app", "classify", home=tmp_path)
+    header = proc.stdout.splitlines()[0].split(",")
+    assert proc.returncode == 0 and "test_accuracy" in header and "param.optim.method" in header
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -114,6 +132,23 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     client = MlflowClient(f"sqlite:///{killed_home / 'mlflow' / 'mlflow.db'}")
     assert client.get_run(b["mlflow_run_id"]).info.status == "FINISHED"
     assert len(client.get_metric_history(b["mlflow_run_id"], "test_accuracy")) == 3
+    steps = sorted(m.step for m in client.get_metric_history(b["mlflow_run_id"], "step_loss"))
+    assert steps == list(range(1, 3 * 24 + 1))          # every step once: none re-logged by the resume
+
+
+def test_quick_study_print_config_shows_what_runs(tmp_path):
+    proc = deepzero("classify", "study", "--quick", "--print-config", home=tmp_path)
+    assert proc.returncode == 0 and "epochs: 2" in proc.stdout and "train_subset: 512" in proc.stdout
+
+
+def test_prune_into_an_existing_directory(tmp_path):
+    out = tmp_path / "ratios"
+    out.mkdir()
+    proc = deepzero("classify", "prune", "--preset", "smoke", "--out", str(out), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(out.glob("ratios-*.json"))) == 1
+    line = one_line_error(deepzero("classify", "prune", "--bogus", home=tmp_path))
+    assert "deepzero classify prune --help" in line
 
 
 def test_study_logs_a_parent_with_child_runs_table_and_plots(tmp_path):

@@ -47,7 +47,6 @@ def _readout(h: torch.Tensor) -> torch.Tensor:
 
 class ToyExperiment(Experiment):
     app = "toy"
-    metrics = ("test_mse", "queries")
     stop_errors = (BudgetExceeded,)
     plot_metric = "test_mse"
 
