@@ -11,6 +11,9 @@ APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "classify": ("applications.classification.cli",
                  "ZO training from scratch (CGE/RGE/MeZO/FO), ZO-GraSP pruning, the CGE-vs-RGE-vs-FO study",
                  ("test_accuracy", "train_loss", "queries", "wall_time_s")),
+    "defense": ("applications.certified_defense.cli",
+                "certified defense of a query-only classifier: denoised smoothing by FO-DS / ZO-AE-DS / ZO-DS",
+                ("noisy_accuracy", "certified_accuracy_r0.25", "acr", "queries")),
     "solver": ("applications.solver_cli", "vet (check) or expose (serve) a black-box PDE solver", ()),
 }
 TOOLS: dict[str, str] = {

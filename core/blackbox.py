@@ -65,6 +65,9 @@ class BlackBox(nn.Module):
         return None if self.budget is None else self.budget - self.queries
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch._C._functorch.is_batchedtensor(x):
+            # under torch.vmap a call would see (and count) one slice for K stacked evaluations
+            raise RuntimeError(f"BlackBox '{self.name}' cannot run under torch.vmap: it is queried on real batches")
         n = int(x.shape[0])
         if self.budget is not None and self.queries + n > self.budget:
             raise BudgetExceeded(f"BlackBox '{self.name}' query budget exhausted: {self.queries} of "

@@ -96,6 +96,8 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
     def run_cell(name: str, cell: ClassifyConfig, tracker) -> dict:
         exp = ClassifyExperiment(cell, data=copy.deepcopy(data))
         out = run_experiment(exp, tracker, progress=progress, save_checkpoints=False)
+        if out.stopped is not None:
+            raise UserError(f"study cell {name} stopped: {out.stopped}")
         last = out.history[-1]
         row = {"depth": cell.model.depth, "method": next(k for k, v in METHOD_KEYS.items() if v == cell.optim.method),
                "seed": cell.run.seed, "params": count_params(exp.model), "test_accuracy": last["test_accuracy"],

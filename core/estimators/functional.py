@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from core.blackbox import BlackBox
+from core.blackbox import BlackBox, BudgetExceeded
 from core.estimators.base import frozen_buffers
 
 # models on which vmap failed once: evaluated set by set from then on (reason kept for messages)
@@ -89,6 +89,8 @@ def call_stacked(model: nn.Module, params: dict[str, torch.Tensor],
     if use_vmap:
         try:
             return _vmapped(model, bound, stacked, K, inputs)
+        except BudgetExceeded:
+            raise
         except RuntimeError as exc:   # vmap cannot run this model: fall back below, or raise if asked
             if vmap:
                 raise

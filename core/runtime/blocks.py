@@ -62,7 +62,8 @@ class RunConfig:
     experiment: Optional[str] = None       # MLflow experiment (default: deepzero/<app>)
 
 
-# keys that may change when a run is resumed: they change neither the state nor what the steps compute
+# keys that may change when a run is resumed: they change neither the saved state nor what the steps
+# already computed; more epochs stretch the cosine schedule to the new total (a warm continuation)
 RESUME_SAFE_KEYS = ("optim.epochs", "run.device", "run.run_name", "run.checkpoint_dir")
 
 
@@ -105,12 +106,15 @@ def make_estimator(zo: ZOConfig, method: str, model, *, plan=None, seed: int = 0
     from core import CGE, RGE, MeZO
 
     if method == "zo-cge":
-        return CGE(model, mu=zo.mu, central=zo.central, sparsity=plan, chunk=zo.chunk or None, params=params)
+        return CGE(model, mu=zo.mu, central=zo.central, sparsity=plan, chunk=zo.chunk or None, params=params,
+                   objective_batch=zo.objective_batch)
     if method == "zo-rge":
         q = zo.q or sum(p.numel() for p in (params or model.parameters()) if p.requires_grad)
-        return RGE(model, q=q, mu=zo.mu, distribution=zo.distribution, sparsity=plan, seed=seed + 1, params=params)
+        return RGE(model, q=q, mu=zo.mu, distribution=zo.distribution, sparsity=plan, seed=seed + 1, params=params,
+                   objective_batch=zo.objective_batch)
     if method == "zo-mezo":
-        return MeZO(model, mu=zo.mu, q=zo.q or 1, sparsity=plan, seed=seed + 2, params=params)
+        return MeZO(model, mu=zo.mu, q=zo.q or 1, sparsity=plan, seed=seed + 2, params=params,
+                    objective_batch=zo.objective_batch)
     return None
 
 

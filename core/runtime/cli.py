@@ -129,10 +129,15 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if state is not None:
+        _check_run_exists(state.get("mlflow_run_id"))
     with user_errors():
         exp = experiment(cfg, resume=state)
     if state is not None:
         exp.load_state_dict(state)
+        if exp.total_epochs < exp.epoch:
+            raise UserError(f"the checkpoint has finished {exp.epoch} epochs; optim.epochs={cfg.optim.epochs} would "
+                            "undo them (a resume may only add epochs)")
     from core.runtime.tracking import Tracker
 
     with Tracker(experiment.app, experiment=cfg.run.experiment, run_name=cfg.run.run_name or exp.run_name(),
@@ -147,6 +152,19 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     print(f"checkpoint: {out.checkpoint}")
     print(f"browse: deepzero ui   (run {out.run_id})")
     return 0
+
+
+def _check_run_exists(run_id: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from core.runtime.tracking import client
+
+    c = client()
+    try:
+        c.get_run(run_id or "")
+    except MlflowException:
+        raise UserError(f"the checkpoint's MLflow run {run_id} is not in the tracking store {c.tracking_uri}: "
+                        "resume with the DEEPZERO_HOME / MLFLOW_TRACKING_URI the run was started with") from None
 
 
 def print_epoch(row: dict) -> None:

@@ -31,6 +31,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -45,26 +48,19 @@ class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class StopRun(Exception):
-    """Raised by :func:`run_experiment` when a stop error ended the run (checkpoint kept)."""
-
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 @contextmanager
 def user_errors(what: str = ""):
-    """Turn the library's ValueError/TypeError/LookupError/OSError into one-line :class:`UserError`.
+    """Turn the library's ValueError/OSError into one-line :class:`UserError`.
 
     Wrap only code that consumes user input (building data, models and estimators from a config),
-    where such an exception means a bad value, not a bug.
+    where such an exception means a bad value or a missing file, not a bug (other exceptions keep
+    their traceback).
     """
     try:
         yield
     except UserError:
         raise
-    except (ValueError, TypeError, LookupError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{what}{text}") from None
 
@@ -94,6 +90,7 @@ class Experiment:
         self.model_spec: dict[str, Any] | None = None
         self.epoch, self.step, self.fo_queries, self.wall = 0, 0, 0, 0.0
         self.history: list[dict[str, float]] = []
+        self._lost: dict[str, int] = {}            # black-box queries spent past the last checkpoint
 
     # -- what an app supplies --------------------------------------------------------------------
     @property
@@ -187,7 +184,8 @@ class Experiment:
                 "scheduler": sd(self.scheduler), "estimator": sd(self.estimator), "plan": sd(self.plan),
                 "ratios": self.ratios, "rng": get_rng_state(), "history": self.history, "wall_time_s": self.wall,
                 "fo_queries": self.fo_queries, "mlflow_run_id": run_id,
-                "blackboxes": {n: b.query_state() for n, b in self.blackboxes().items()},
+                "blackboxes": {n: {**b.query_state(), "lost": self._lost.get(n, 0)}
+                               for n, b in self.blackboxes().items()},
                 "app_state": self.app_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -204,8 +202,13 @@ class Experiment:
             saved = state.get("blackboxes") or {}
             if set(saved) != set(boxes):
                 raise ValueError(f"black boxes differ: checkpoint {sorted(saved)}, model {sorted(boxes)}")
-            for name, box in boxes.items():      # spent queries stay spent; the budget is the config's
+            for name, box in boxes.items():
+                # the counter continues from the checkpoint; queries spent after it (an interrupted
+                # epoch, an earlier failed resume) stay spent: they come off the config's budget
                 box.load_query_state(saved[name], budget=False)
+                self._lost[name] = int(saved[name].get("lost", 0))
+                if box.budget is not None:
+                    box.budget = max(0, box.budget - self._lost[name])
             self.load_app_state(state.get("app_state") or {})
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"checkpoint does not match this config/model: {str(exc).splitlines()[0][:200]}")
@@ -220,8 +223,9 @@ def tsv(rows: Sequence[dict[str, Any]]) -> str:
     """Rows of dicts as a tab-separated table with a header (columns from the first row)."""
     if not rows:
         return ""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, delimiter="\t", lineterminator="\n", restval="")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
@@ -232,7 +236,8 @@ def log_history_plots(tracker, history: Sequence[dict[str, float]], metric: str,
     """``metric`` against epoch, queries and wall time, as PNG artifacts ``<prefix>/<metric>_vs_*.png``."""
     from core.runtime.plotting import line_plot
 
-    if not history or metric not in history[0]:
+    history = [h for h in history if metric in h]
+    if not history:
         return
     ys = [h[metric] for h in history]
     stem = "accuracy" if metric == "test_accuracy" else metric
@@ -339,12 +344,33 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
         exp.start_artifacts(tracker)
     gate = _MetricGate(tracker, resumed)
     stopped = None
+    saved_epoch = exp.epoch if resumed else None         # the epoch the checkpoint on disk holds
 
-    def how_to_resume() -> str:
-        if ckpt is None or not ckpt.is_file():
+    def how_to_resume(diverged: bool = False) -> str:
+        if ckpt is None:
+            return "this run keeps no checkpoint"
+        if saved_epoch is None or not ckpt.is_file():
             return "no epoch had finished, so there is no checkpoint to resume"
-        cmd = (resume_command or "--resume {checkpoint}").format(checkpoint=ckpt)
-        return f"the checkpoint of epoch {exp.history[-1]['epoch'] if exp.history else 0} is kept; resume with:\n  {cmd}"
+        if diverged:
+            return (f"the checkpoint of epoch {saved_epoch} is kept, but resuming it would diverge again: "
+                    "start a new run with a lower optim.lr (or zo.mu)")
+        cmd = (resume_command or "--resume {checkpoint}").format(checkpoint=shlex.quote(str(ckpt)))
+        env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")
+                       if os.environ.get(k))
+        return f"the checkpoint of epoch {saved_epoch} is kept; resume with:\n  {env + ' ' if env else ''}{cmd}"
+
+    def keep_spent_queries() -> None:
+        """Queries spent after the last checkpoint stay spent: record them in it (atomically)."""
+        if ckpt is None or saved_epoch is None or not ckpt.is_file():
+            return
+        from core.runtime.checkpoint import load_checkpoint
+
+        state = load_checkpoint(ckpt, app=exp.app)
+        boxes = exp.blackboxes()
+        for name, saved in (state.get("blackboxes") or {}).items():
+            if name in boxes:
+                saved["lost"] = int(saved.get("lost", 0)) + max(0, int(boxes[name].queries) - int(saved["queries"]))
+        save_checkpoint(ckpt, state)
 
     try:
         while exp.epoch < exp.total_epochs:
@@ -353,18 +379,23 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
             tracker.flush()
             if ckpt is not None:
                 save_checkpoint(ckpt, exp.state_dict(run_id))
+                saved_epoch = exp.epoch
             if on_epoch:
                 on_epoch(row)
     except KeyboardInterrupt:
-        import sys
-
         tracker.flush()
+        keep_spent_queries()
         print(f"\ninterrupted during epoch {exp.epoch + 1}: {how_to_resume()}", file=sys.stderr, flush=True)
         raise
     except exp.stop_errors + (TrainingDiverged,) as exc:
         tracker.flush()
+        keep_spent_queries()
         stopped = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         tracker.set_tags({"deepzero.stop_reason": stopped})
+        diverged = isinstance(exc, TrainingDiverged)
+    else:
+        if resumed:
+            tracker.delete_tag("deepzero.stop_reason")
     if ckpt is not None and ckpt.is_file():
         tracker.log_artifact(ckpt, "checkpoints")
     if exp.history:
@@ -374,7 +405,7 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
     exp.final_artifacts(tracker)
     result = RunResult(exp.history, ckpt, run_id, stopped)
     if stopped is not None:
-        result.extra["resume_hint"] = how_to_resume()
+        result.extra["resume_hint"] = how_to_resume(diverged)
     return result
 
 

@@ -96,7 +96,7 @@ def experiment_id(app: str, mlclient=None, *, name: str | None = None) -> str:
         location = (root / _slug(app if name == f"deepzero/{app}" else name)).as_uri()
     try:
         return mlclient.create_experiment(name, artifact_location=location,
-                                          tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+                                          tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING, "deepzero.app": app})
     except Exception:  # created concurrently by another process
         exp = mlclient.get_experiment_by_name(name)
         if exp is None:
@@ -140,6 +140,10 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+class RunNotFound(ValueError):
+    """The MLflow run a checkpoint names is not in the current tracking store."""
+
+
 class Tracker:
     """One MLflow run: params, tags, buffered metrics and artifacts.
 
@@ -168,9 +172,16 @@ class Tracker:
 
         self.client = client()
         if self._resume_id:
-            run = self.client.get_run(self._resume_id)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                run = self.client.get_run(self._resume_id)
+            except MlflowException:
+                raise RunNotFound(f"the run {self._resume_id} to resume is not in the tracking store "
+                                  f"{self.client.tracking_uri}: resume with the DEEPZERO_HOME / MLFLOW_TRACKING_URI "
+                                  "the run was started with") from None
             self.run_id = run.info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.update_run(self.run_id, status="RUNNING", name=self.run_name or run.info.run_name)
             self.resumed = True
             return self
         self.resumed = False
@@ -220,6 +231,11 @@ class Tracker:
         from mlflow.entities import RunTag
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def delete_tag(self, key: str) -> None:
+        """Remove a run tag if it is set (e.g. a stop reason once a resumed run completes)."""
+        if key in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, key)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Buffer metric values; they are sent in batches (see ``flush``)."""

@@ -105,23 +105,32 @@ def test_resume_config_unit():
 
 
 def test_budget_stop_keeps_checkpoint_and_resume_keeps_the_spent_budget(tmp_path):
-    # 6 steps per epoch × 16 samples × (q + 1 = 5) = 480 queries per epoch: the budget ends epoch 2
+    # a step costs (q + 1) · 16 = 80 queries in calls of 16; an epoch 6 steps = 480 queries.
+    # Budget 700: epoch 1 (480), then 2 steps (640) and 3 calls of step 3 (688): the 4th call is refused.
     proc = toy("--set", "data.budget=700", home=tmp_path)
     assert proc.returncode == 1
-    assert "stopped: BlackBox 'oracle' query budget exhausted" in proc.stderr
+    assert "stopped: BlackBox 'oracle' query budget exhausted: 688 of 700 used" in proc.stderr
     assert "resume with:" in proc.stderr and "Traceback" not in proc.stderr
     (ckpt,) = (tmp_path / "runs" / "toy").glob("*/checkpoint.pt")
     state = load_checkpoint(ckpt, app="toy")
-    assert state["epoch"] == 1 and state["blackboxes"]["2"]["queries"] == 480
+    box = state["blackboxes"]["2"]
+    assert state["epoch"] == 1 and box["queries"] == 480 and box["lost"] == 208     # spent after the checkpoint
     client = _client(tmp_path)
     run = client.get_run(state["mlflow_run_id"])
     assert "query budget exhausted" in run.data.tags["deepzero.stop_reason"]
-    # resuming with the same budget stops again at once: the spent queries are not forgotten
+    # the same budget: 700 − 208 = 492 left for a counter at 480, less than one call — it stops at once
     proc = toy("--resume", str(ckpt), home=tmp_path)
-    assert proc.returncode == 1 and "budget exhausted" in proc.stderr
+    assert proc.returncode == 1 and "budget exhausted: 480 of 492 used" in proc.stderr
+    assert load_checkpoint(ckpt, app="toy")["blackboxes"]["2"]["lost"] == 208       # nothing new was spent
     proc = toy("--resume", str(ckpt), "--set", "data.budget=2000", home=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert load_checkpoint(ckpt, app="toy")["blackboxes"]["2"]["queries"] == 1440
+    final = load_checkpoint(ckpt, app="toy")["blackboxes"]["2"]
+    assert final["queries"] == 1440 and final["queries"] + final["lost"] <= 2000
+    run = client.get_run(state["mlflow_run_id"])
+    assert "deepzero.stop_reason" not in run.data.tags and run.info.status == "FINISHED"
+    # the stop flushed epoch 2's first step points; the resume replayed them: each step is logged once
+    steps = sorted(m.step for m in client.get_metric_history(state["mlflow_run_id"], "step_loss"))
+    assert steps == list(range(1, 19))
 
 
 @pytest.mark.slow
@@ -132,6 +141,6 @@ def test_ctrl_c_prints_the_exact_resume_command(tmp_path):
     out, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
     lines = err.splitlines()
-    cmd = f"toy train --resume {ckpt}"
+    cmd = f"DEEPZERO_HOME={tmp_path} toy train --resume {ckpt}"       # the store it was started with
     assert any(line.strip() == cmd for line in lines), err
     assert "Traceback" not in err

@@ -1,0 +1,5 @@
+import sys
+
+from applications.certified_defense.cli import main
+
+sys.exit(main())
