@@ -116,7 +116,7 @@ def certify_command(cfg: DefenseConfig, denoiser: str, *, out: str | None, progr
             front = front_from_checkpoint(state)
         name, source = state["config"]["optim"]["method"], state.get("mlflow_run_id")
     data = _data(cfg)
-    with user_errors("target: "):
+    with user_errors():
         target = target_from_config(cfg, data)
     path = Path(out) if out else _default_path("certify", f"{name}-{(source or 'raw')[:8]}-sigma{cfg.certify.sigma:g}.tsv")
     try:
@@ -165,7 +165,7 @@ def verify_command(cfg: DefenseConfig, *, denoiser: str | None, eps: str, norms:
     if samples < 1:
         raise UserError(f"--samples must be >= 1; got {samples}")
     data = _data(cfg)
-    with user_errors("target: "):
+    with user_errors():
         target = target_from_config(cfg, data)
     if target.white_box is None:
         target.close()
@@ -208,7 +208,7 @@ def run_pipeline(cfg: DefenseConfig, *, methods: str, progress: bool) -> int:
         print(f"target: clean test accuracy {acc:.4f} ({path})", flush=True)
         cfg = copy.deepcopy(cfg)
         cfg.target.source = str(path)
-    with user_errors("target: "):
+    with user_errors():
         target = target_from_config(cfg, data)
     order = ["none"] + [m for m in ("fo-ds", "zo-ds", "zo-ae-ds") if m in chosen]
     cells = []

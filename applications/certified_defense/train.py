@@ -45,8 +45,13 @@ class DefenseExperiment(Experiment):
     """One denoiser training run (one method) against one black-box classifier."""
 
     app = "defense"
-    stop_errors = (BudgetExceeded,)
     plot_metric = "noisy_accuracy"
+
+    @property
+    def stop_errors(self):            # a budget running out, or the classifier failing mid-run
+        from applications.certified_defense.targets import TargetError
+
+        return (BudgetExceeded, TargetError)
 
     def __init__(self, cfg: DefenseConfig, *, resume: dict[str, Any] | None = None, data: Dataset | None = None,
                  target=None) -> None:
@@ -92,8 +97,8 @@ class DefenseExperiment(Experiment):
         trainable = list(self.model.parameters()) + (list(self.ae.encoder.parameters()) if self.ae else [])
         self.optimizer, self.scheduler = self._stab_optimizer(trainable)
         self.composite = None
-        if method == "zo-ds" and cfg.stab_epochs:
-            self._setup_zo_ds()
+        if method == "zo-ds" and cfg.stab_epochs and resume is not None and resume.get("estimator") is not None:
+            self._setup_zo_ds()          # resuming in the Stab phase: its ratios and plan come from the checkpoint
 
     # -- set-up ------------------------------------------------------------------------------------
     def _stab_optimizer(self, params):
@@ -186,6 +191,8 @@ class DefenseExperiment(Experiment):
             return {"loss": float(loss.detach())}
         method = self.cfg.optim.method
         if method == "zo-ds":
+            if self.estimator is None:   # ZO-GraSP on the denoiser as the Stab phase starts (after MSE)
+                self._setup_zo_ds()
             y = self.pseudo[idx].to(self.device)
             return {"loss": self.optimize(F.cross_entropy, noisy, y)}
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,7 +275,7 @@ class DefenseExperiment(Experiment):
 
 def target_from_config(cfg: DefenseConfig, data: Dataset):
     """The classifier as a query-only target: trained here (``target.source=train``) or loaded."""
-    from applications.certified_defense.targets import load_target, target_from_module, train_target
+    from applications.certified_defense.targets import TargetError, load_target, target_from_module, train_target
 
     t = cfg.target
     if t.source == "train":
@@ -277,8 +284,11 @@ def target_from_config(cfg: DefenseConfig, data: Dataset):
                                 batch_size=32, seed=cfg.run.seed)
         return target_from_module(model, data_shape=data.input_shape, num_classes=data.num_classes,
                                   labels_only=t.labels_only, description=f"a {t.arch} trained here")
-    return load_target(t.source, data_shape=data.input_shape, num_classes=data.num_classes,
-                       labels_only=t.labels_only, timeout=t.timeout)
+    try:
+        return load_target(t.source, data_shape=data.input_shape, num_classes=data.num_classes,
+                           labels_only=t.labels_only, timeout=t.timeout)
+    except TargetError as exc:            # at start-up a bad target is the user's input: one line, exit 2
+        raise ValueError(f"target: {exc}") from None
 
 
 def _spec(model):

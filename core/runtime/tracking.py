@@ -9,7 +9,11 @@
   (MLflow's own default for such a store is ``./mlruns`` of whatever directory a run starts in,
   which scatters them and litters checkouts); a tracking server (http/https) keeps its own choice.
 - Every deepzero experiment carries the tag ``mlflow.experimentKind = custom_model_development``
-  (without it MLflow 3's UI opens an experiment on its GenAI traces page, not the runs table).
+  (MLflow 3 UIs before the GenAI / Model training switch open such an experiment on its runs table;
+  MLflow 3.17's UI ignores the tag and follows the switch, or ``?workflowType=machine_learning`` in
+  the URL, which is why ``deepzero ui`` prints links carrying it).
+- ``deepzero ui`` saves on each deepzero experiment a view of the runs table with the app's key
+  metrics as columns (:func:`ensure_runs_view`): MLflow 3.17 shows no metric column by default.
 
 Only ``MlflowClient`` is used (no global active run), so trackers nest and never leak state.
 """
@@ -26,7 +30,10 @@ from urllib.parse import unquote
 
 _PACKAGES = ("torch", "torchvision", "numpy", "mlflow", "phiflow", "scipy")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"      # the kind MLflow's UI opens on the runs table
+MODEL_TRAINING = "custom_model_development"      # the kind pre-3.17 MLflow 3 UIs open on the runs table
+SAVED_VIEW_PREFIX = "mlflow.sharedViewState."   # + key: a saved view of the runs table (MLflow UI)
+RUNS_VIEW_KEY = "deepzero-key-metrics"
+RUNS_VIEW_NAME = "deepzero: key metrics"
 
 
 def project_root() -> Path:
@@ -116,6 +123,40 @@ def mark_model_training(mlclient=None) -> list[str]:
             mlclient.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             marked.append(exp.experiment_id)
     return marked
+
+
+def deepzero_experiments(mlclient=None) -> list:
+    """The store's active experiments deepzero wrote: named ``deepzero/*`` or tagged ``deepzero.app``."""
+    mlclient = mlclient or client()
+    return [e for e in mlclient.search_experiments(max_results=1000)
+            if e.name.startswith("deepzero/") or "deepzero.app" in e.tags]
+
+
+def ensure_runs_view(exp_id: str, metrics, mlclient=None, *, key: str = RUNS_VIEW_KEY,
+                     name: str = RUNS_VIEW_NAME) -> str | None:
+    """Save on experiment ``exp_id`` a view of the MLflow UI's runs table with ``metrics`` as its columns.
+
+    MLflow 3.17's runs table shows no metric column until one is picked under "Columns"; its saved
+    views (the "Views" menu) are experiment tags ``mlflow.sharedViewState.<key>`` holding
+    ``{"name", "createdAt", "updatedAt", "state"}`` (``state``: the table's UI state as JSON), opened
+    at ``#/experiments/<id>/runs?viewStateShareKey=<key>``. An existing view is left as it is (a
+    user may have changed it with "Override saved view"; deleting it makes the next call recreate
+    it). Returns ``key``; None when there are no metrics to show.
+    """
+    import json
+
+    metrics = list(metrics)
+    if not metrics:
+        return None
+    mlclient = mlclient or client()
+    if SAVED_VIEW_PREFIX + key in mlclient.get_experiment(exp_id).tags:
+        return key
+    columns = [f"metrics.`{m}`" for m in metrics]          # the UI's column ids, in the app's order
+    now = int(time.time() * 1000)
+    state = json.dumps({"selectedColumns": columns, "columnOrder": columns})
+    mlclient.set_experiment_tag(exp_id, SAVED_VIEW_PREFIX + key,
+                                json.dumps({"name": name, "createdAt": now, "updatedAt": now, "state": state}))
+    return key
 
 
 def git_commit() -> str | None:

@@ -32,7 +32,9 @@ def _global_ratios(model: nn.Module, scores: dict[str, torch.Tensor], sparsity: 
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()
-        out[n] = float(pruned[start:start + size].sum()) / size
+        # every layer keeps at least one coordinate (a layer pruned whole would never train again;
+        # ties, e.g. a zero-initialised layer whose scores are all 0, can otherwise remove it)
+        out[n] = min(float(pruned[start:start + size].sum()), size - 1) / size
         start += size
     return out
 
