@@ -58,7 +58,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     v.add_argument("--eps", default="0.01,0.03", help="comma-separated radii (default 0.01,0.03)")
     v.add_argument("--norms", default="inf,2", help="comma-separated subset of inf,2 (default both)")
     v.add_argument("--methods", default="IBP,CROWN", help="comma-separated subset of IBP,CROWN,alpha-CROWN")
-    v.add_argument("--samples", type=int, default=32, help="test images to verify (default 32)")
+    v.add_argument("--samples", type=int, default=8,
+                   help="test images to verify (default 8; CROWN on a CPU takes seconds per image)")
     r = sub.add_parser("run", help=VERBS["run"], description=VERBS["run"])
     add_config_args(r, presets)
     add_runtime_args(r)

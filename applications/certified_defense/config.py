@@ -52,7 +52,7 @@ class DenoiserConfig:
     sigma: float = 0.25                    # Gaussian noise level the denoiser is trained for (pixels)
     objective: str = "mse+stab"            # mse | stab | mse+stab (MSE pre-training, then Stab)
     pretrain_epochs: int = 2               # mse+stab: MSE epochs (backprop on the denoiser alone, no queries)
-    pretrain_lr: float = 1e-3              # Adam, MSE phase
+    pretrain_lr: float = 1e-3              # Adam: the MSE phase, and FO-DS's Stab phase
 
 
 @dataclass

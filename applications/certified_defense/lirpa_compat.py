@@ -120,7 +120,8 @@ def apply_patches() -> None:
 def import_auto_lirpa() -> Any:
     """Apply :func:`apply_patches`, import and return the ``auto_LiRPA`` module.
 
-    Also applies patches 4–5, which need auto-LiRPA loaded. Use ``lirpa.BoundedModule``, ``lirpa.BoundedTensor`` and ``lirpa.PerturbationLpNorm`` from it.
+    Also applies patches 4–5, which need auto-LiRPA loaded. Use ``lirpa.BoundedModule``,
+    ``lirpa.BoundedTensor`` and ``lirpa.PerturbationLpNorm`` from it.
 
     Raises:
         ImportError: auto-LiRPA is not installed (``pip install auto-LiRPA==0.3 --no-deps``), or it

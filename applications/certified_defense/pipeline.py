@@ -174,7 +174,7 @@ def verify_command(cfg: DefenseConfig, *, denoiser: str | None, eps: str, norms:
     models = {"classifier": target.white_box.eval()}
     if denoiser:
         with user_errors("denoiser checkpoint: "):
-            models["denoiser+classifier"] = nn.Sequential(front_from_checkpoint(load_checkpoint(denoiser, app="defense")),
+            models["denoised"] = nn.Sequential(front_from_checkpoint(load_checkpoint(denoiser, app="defense")),
                                                           target.white_box).eval()
     x, y = data.test.x[:samples], data.test.y[:samples]
     try:

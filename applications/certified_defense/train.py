@@ -95,7 +95,13 @@ class DefenseExperiment(Experiment):
                 self.ae.load_state_dict(resume["app_state"]["ae"])
         self.pseudo = self._pseudo_labels() if cfg.stab_epochs and method != "fo-ds" else None
         trainable = list(self.model.parameters()) + (list(self.ae.encoder.parameters()) if self.ae else [])
-        self.optimizer, self.scheduler = self._stab_optimizer(trainable)
+        if method == "fo-ds":
+            # the white-box baseline trains Stab as Salman et al. do: Adam (denoiser.pretrain_lr); SGD at the
+            # ZO learning rate diverges on full first-order gradients
+            self.optimizer = torch.optim.Adam(trainable, lr=cfg.denoiser.pretrain_lr)
+            self.scheduler = None
+        else:
+            self.optimizer, self.scheduler = self._stab_optimizer(trainable)
         self.composite = None
         if method == "zo-ds" and cfg.stab_epochs and resume is not None and resume.get("estimator") is not None:
             self._setup_zo_ds()          # resuming in the Stab phase: its ratios and plan come from the checkpoint
@@ -107,7 +113,8 @@ class DefenseExperiment(Experiment):
         return make_optimizer(self.cfg.optim, params, self._steps)
 
     def _pretrain_autoencoder(self) -> None:
-        """ZO-AE-DS's autoencoder: reconstruction of clean training images, by backprop (it is ours)."""
+        """ZO-AE-DS's autoencoder: reconstruction of clean training images (pixel-wise binary
+        cross-entropy on the sigmoid output), by backprop — it is ours."""
         cfg, ae = self.cfg, self.ae
         opt = torch.optim.Adam(ae.parameters(), lr=cfg.ae.lr)
         gen = torch.Generator().manual_seed(cfg.run.seed + 41)
@@ -115,7 +122,7 @@ class DefenseExperiment(Experiment):
             for x, _ in batches(self.data.train, cfg.data.batch_size, shuffle=True, generator=gen):
                 x = x.to(self.device)
                 opt.zero_grad(set_to_none=True)
-                F.mse_loss(ae(x), x).backward()
+                F.binary_cross_entropy(ae(x), x).backward()    # MSE stalls at an all-black image on MNIST
                 opt.step()
         ae.eval()
         for p in ae.decoder.parameters():          # the decoder becomes part of the black box
@@ -208,7 +215,8 @@ class DefenseExperiment(Experiment):
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training diverged (loss {float(loss)}) at step {self.step}: lower optim.lr")
         self.optimizer.step()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return {"loss": float(loss.detach())}
 
     def _zo_ae_step(self, noisy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,13 @@ and :func:`_bounded_module`); every item was hit on ``small_cnn``/``DnCNN`` mode
    optimised (still a sound alpha-CROWN bound, not looser than CROWN).
 4. ``sparse_intermediate_bounds`` (auto-LiRPA's default) skips the intermediate bounds of neurons that
    IBP calls stable; MaxPool's relaxation uses the bounds of all its inputs, so this loosens CROWN
-   (measured) and trips an assertion in alpha-CROWN. It is turned off.
-5. A denoiser alone (image-shaped output, no C) fails CROWN at the root ``BoundSub``
+   (measured) and trips an assertion in alpha-CROWN. It is turned off, and so is
+   ``sparse_features_alpha`` (alpha only for unstable neurons), whose reconstruction hits a shape
+   mismatch in ℓ2 alpha-CROWN; alpha is shared per conv channel (``use_full_conv_alpha=False``),
+   which keeps alpha-CROWN affordable on one core.
+5. alpha-CROWN on a model with no optimisable activation (e.g. one Linear layer) crashes in 0.3
+   (``backward`` on a loss without a graph); there it is computed as CROWN, which it equals.
+6. A denoiser alone (image-shaped output, no C) fails CROWN at the root ``BoundSub``
    (``broadcast_backward`` assertion). Never needed: we always bound the classifier's margins with C.
 Works as-is: Conv2d, Linear, BatchNorm2d in eval mode (running statistics; the model is put in eval
 mode), ReLU, MaxPool2d (IBP/CROWN), AdaptiveAvgPool2d(1) (traced as a global average pool), Flatten,
@@ -67,9 +72,9 @@ __all__ = ["METHODS", "NORMS", "margin_lower_bounds", "margin_spec", "pgd_accura
 
 NORMS = ("inf", "2")
 METHODS = ("IBP", "CROWN", "alpha-CROWN")
-_LIRPA_METHOD = {"IBP": "IBP", "CROWN": "CROWN", "alpha-CROWN": "alpha-CROWN"}
 _BOUND_OPTS = {"sparse_intermediate_bounds": False,     # item 4 of the module docstring
-               "use_full_conv_alpha": False}            # alpha shared per channel: far cheaper
+               "sparse_features_alpha": False,          # item 4 as well (shape mismatch with ℓ2)
+               "use_full_conv_alpha": False}            # item 4: alpha shared per channel, far cheaper
 
 
 def _check_norm(norm: str) -> str:
@@ -91,7 +96,8 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
         raise ValueError(f"need x [B, ...] and labels y [B]; got x {tuple(x.shape)}, y {tuple(y.shape)}")
     if x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(f"inputs must be pixels in [0, 1]; got range [{x.min().item():.4g}, "
-                         f"{x.max().item():.4g}] (put the normalisation in the model, e.g. core.models.Normalize)")
+                         f"{x.max().item():.4g}] (put the normalisation in the model, e.g. "
+                         f"core.models.Normalize)")
 
 
 # --------------------------------------------------------------------------- model preparation
@@ -201,7 +207,8 @@ def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     _check_method(method)
     _check_inputs(x, y, eps)
     if alpha_iterations < 1 or batch_size < 1:
-        raise ValueError(f"need alpha_iterations >= 1 and batch_size >= 1; got {alpha_iterations}, {batch_size}")
+        raise ValueError(f"need alpha_iterations >= 1 and batch_size >= 1; got "
+                         f"alpha_iterations={alpha_iterations}, batch_size={batch_size}")
     lirpa = import_auto_lirpa()
     prepared = prepare_for_lirpa(model)
     with torch.no_grad():
@@ -217,9 +224,12 @@ def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
             ptb = lirpa.PerturbationLpNorm(eps=eps, norm=2)
         bx = lirpa.BoundedTensor(xb, ptb)
         spec = margin_spec(yb, num_classes).to(xb.dtype)
-        grad_ctx = torch.enable_grad() if method == "alpha-CROWN" else torch.no_grad()
+        lirpa_method = method
+        if method == "alpha-CROWN" and not bm.optimizable_activations:
+            lirpa_method = "CROWN"        # no ReLU slope to optimise: alpha-CROWN is CROWN (0.3 would crash)
+        grad_ctx = torch.enable_grad() if lirpa_method == "alpha-CROWN" else torch.no_grad()
         with grad_ctx, _quiet():
-            lower, _ = bm.compute_bounds(x=(bx,), C=spec, method=_LIRPA_METHOD[method], bound_upper=False)
+            lower, _ = bm.compute_bounds(x=(bx,), C=spec, method=lirpa_method, bound_upper=False)
         others = torch.ones(yb.shape[0], num_classes, dtype=torch.bool, device=x.device)
         others[torch.arange(yb.shape[0], device=x.device), yb] = False
         block = out[start:start + batch_size]
@@ -327,6 +337,7 @@ def verify_report(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
     Rows: ``{model, norm, eps, method, clean_accuracy, pgd_accuracy, verified_accuracy, consistent}``.
     Clean and PGD accuracy are computed once per (model, norm, ε); PGD is seeded with ``seed``.
+    Every model is put in eval mode (BatchNorm uses its running statistics, as auto-LiRPA does).
 
     Consistency (checked per sample): verified ⇒ PGD-robust ⇒ correct. A verified sample that PGD
     breaks means an unsound bound, a bug (for ℓ2 the verified ball contains PGD's clipped one).

@@ -63,6 +63,20 @@ def test_certify_verb_resumes_its_table_and_refuses_foreign_checkpoints(smoke_ho
     assert "not a denoiser checkpoint" in line
 
 
+def test_verify_verb_reports_verified_pgd_and_clean(smoke_home):
+    home, _ = smoke_home
+    (target,) = (home / "runs" / "defense" / "targets").glob("*.pt")
+    (denoiser,) = [p for p in (home / "runs" / "defense").glob("*/checkpoint.pt")][:1]
+    proc = deepzero("defense", "verify", "--preset", "smoke", "--target", str(target), "--denoiser", str(denoiser),
+                    "--methods", "IBP", "--norms", "inf", "--eps", "0.01", "--samples", "4", home=home, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert {"model", "verified_accuracy", "pgd_accuracy", "clean_accuracy"} <= set(header) and len(rows) == 2
+    col = {k: i for i, k in enumerate(header)}
+    for r in rows:
+        assert float(r[col["verified_accuracy"]]) <= float(r[col["pgd_accuracy"]]) <= float(r[col["clean_accuracy"]])
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--set", "denoiser.sigma=0"], "'denoiser.sigma' must be > 0"),
     (["--set", "certify.n0=500", "--set", "certify.n=100"], "must not exceed certify.n"),
