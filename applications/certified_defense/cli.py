@@ -86,15 +86,9 @@ def _flag_overrides(args) -> list[str]:
 
 def _resolved(args):
     from applications.certified_defense.config import PRESET_DIR, DefenseConfig
-    from core.runtime.cli import resolve_config, setup_torch
-    from core.runtime.config import to_yaml
+    from core.runtime.cli import config_or_print
 
-    setup_torch(args.threads)
-    cfg = resolve_config(args, DefenseConfig, PRESET_DIR, _flag_overrides(args))
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return None
-    return cfg
+    return config_or_print(args, DefenseConfig, PRESET_DIR, _flag_overrides(args))
 
 
 def _target(args) -> int:

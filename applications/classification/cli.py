@@ -64,17 +64,10 @@ def _flag_overrides(args) -> list[str]:
 
 
 def _resolved(args):
-    """Threads set, config resolved; None when only ``--print-config`` was asked (and done)."""
     from applications.classification.config import PRESET_DIR, ClassifyConfig
-    from core.runtime.cli import resolve_config, setup_torch
-    from core.runtime.config import to_yaml
+    from core.runtime.cli import config_or_print
 
-    setup_torch(args.threads)
-    cfg = resolve_config(args, ClassifyConfig, PRESET_DIR, _flag_overrides(args))
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return None
-    return cfg
+    return config_or_print(args, ClassifyConfig, PRESET_DIR, _flag_overrides(args))
 
 
 def _train(args) -> int:

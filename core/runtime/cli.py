@@ -102,6 +102,18 @@ def resolve_config(args: argparse.Namespace, schema: type, preset_dir, extra_ove
     return cfg
 
 
+def config_or_print(args: argparse.Namespace, schema: type, preset_dir, extra_overrides: list[str] = ()):
+    """Threads set and the config resolved; None when only ``--print-config`` was asked (and done)."""
+    from core.runtime.config import to_yaml
+
+    setup_torch(args.threads)
+    cfg = resolve_config(args, schema, preset_dir, list(extra_overrides))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg
+
+
 def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experiment: type, prog: str,
                   extra_overrides: list[str] = (), safe_keys: tuple[str, ...] = (),
                   on_epoch: Callable[[dict], None] | None = None) -> int:
