@@ -173,9 +173,13 @@ def verify_command(cfg: DefenseConfig, *, denoiser: str | None, eps: str, norms:
                         "as --target, not a query-only program or server")
     models = {"classifier": target.white_box.eval()}
     if denoiser:
+        state = load_checkpoint(denoiser, app="defense")
+        if (state.get("app_state") or {}).get("ae_spec"):
+            target.close()
+            raise UserError(f"{denoiser} is a ZO-AE-DS denoiser: its decoder's transposed convolutions (padding 1) "
+                            "are beyond auto-LiRPA 0.3; verify supports DnCNN denoisers (fo-ds, zo-ds)")
         with user_errors("denoiser checkpoint: "):
-            models["denoised"] = nn.Sequential(front_from_checkpoint(load_checkpoint(denoiser, app="defense")),
-                                                          target.white_box).eval()
+            models["denoised"] = nn.Sequential(front_from_checkpoint(state), target.white_box).eval()
     x, y = data.test.x[:samples], data.test.y[:samples]
     try:
         with Tracker("defense", experiment=cfg.run.experiment, run_name="verify") as tr:

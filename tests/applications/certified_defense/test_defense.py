@@ -66,7 +66,14 @@ def test_certify_verb_resumes_its_table_and_refuses_foreign_checkpoints(smoke_ho
 def test_verify_verb_reports_verified_pgd_and_clean(smoke_home):
     home, _ = smoke_home
     (target,) = (home / "runs" / "defense" / "targets").glob("*.pt")
-    (denoiser,) = [p for p in (home / "runs" / "defense").glob("*/checkpoint.pt")][:1]
+    from core.runtime.checkpoint import load_checkpoint
+
+    by_method = {load_checkpoint(p)["config"]["optim"]["method"]: p
+                 for p in (home / "runs" / "defense").glob("*/checkpoint.pt")}
+    denoiser = by_method["zo-ds"]
+    line = one_line_error(deepzero("defense", "verify", "--preset", "smoke", "--target", str(target), "--denoiser",
+                                   str(by_method["zo-ae-ds"]), home=home, timeout=300))
+    assert "ZO-AE-DS denoiser" in line
     proc = deepzero("defense", "verify", "--preset", "smoke", "--target", str(target), "--denoiser", str(denoiser),
                     "--methods", "IBP", "--norms", "inf", "--eps", "0.01", "--samples", "4", home=home, timeout=300)
     assert proc.returncode == 0, proc.stderr
