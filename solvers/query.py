@@ -35,16 +35,13 @@ Errors come back as ``{"error": {"type": ..., "message": ...}}`` with status 400
 """
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
 import shlex
-import subprocess
 import threading
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -55,7 +52,7 @@ import numpy as np
 from solvers import wire
 from solvers.http import MODEL, is_loopback
 from solvers.protocol import Closeable, SolverError
-from solvers.subprocess_solver import SubprocessSolver, _drain, _kill_group, _Reader
+from solvers.subprocess_solver import SubprocessSolver, _kill_group
 
 PROTOCOL = "deepzero-query/1"
 NPY = "application/x-npy"
@@ -179,25 +176,10 @@ class SubprocessQuery(SubprocessSolver):
 
     def __init__(self, cmd: list[str], timeout: float = 60.0, *, env: dict[str, str] | None = None,
                  cwd: str | None = None, role: str = "query program") -> None:
-        if isinstance(cmd, str) or not cmd:
-            raise SolverError("cmd must be a non-empty list of arguments (it is never run through a shell)")
-        if not timeout > 0:
-            raise SolverError(f"timeout must be > 0; got {timeout}")
-        self.cmd, self.timeout, self.role = [str(c) for c in cmd], float(timeout), role
+        self.role = role
+        self._start(cmd, timeout, env=env, cwd=cwd, role=role)
         name = shlex.join([os.path.basename(self.cmd[0]), *self.cmd[1:]])
         self.name = name if len(name) <= 80 else name[:77] + "..."
-        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
-        self._dead: str | None = None
-        try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0, env=env, cwd=cwd,
-                                         start_new_session=True)
-        except OSError as exc:
-            raise SolverError(f"cannot start {role} {self.cmd[0]!r}: {exc.strerror or exc}") from None
-        self._finalizer = weakref.finalize(self, _kill_group, self.proc)
-        # the drain thread must not hold ``self``, or the finalizer would never run on drop
-        threading.Thread(target=_drain, args=(self.proc.stderr, self._stderr), daemon=True).start()
-        self._reader = _Reader(self.proc.stdout.fileno())
         kind, hello = self._receive("handshake")
         try:
             self.spec = QuerySpec._parse(hello if kind == "J" else None)

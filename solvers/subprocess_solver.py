@@ -92,25 +92,8 @@ class SubprocessSolver(Closeable):
 
     def __init__(self, cmd: list[str], timeout: float = 60.0, *, env: dict[str, str] | None = None,
                  cwd: str | None = None) -> None:
-        if isinstance(cmd, str) or not cmd:
-            raise SolverError("cmd must be a non-empty list of arguments (it is never run through a shell)")
-        if not timeout > 0:
-            raise SolverError(f"timeout must be > 0; got {timeout}")
-        self.cmd, self.timeout = [str(c) for c in cmd], float(timeout)
+        self._start(cmd, timeout, env=env, cwd=cwd, role="solver program")
         self.name = os.path.basename(self.cmd[0])
-        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
-        self._dead: str | None = None
-        try:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0, env=env, cwd=cwd,
-                                         start_new_session=True)
-        except OSError as exc:
-            raise SolverError(f"cannot start solver program {self.cmd[0]!r}: {exc.strerror or exc}") from None
-        self._finalizer = weakref.finalize(self, _kill_group, self.proc)
-        # the drain thread must not hold ``self``, or the finalizer would never run on drop
-        self._err_thread = threading.Thread(target=_drain, args=(self.proc.stderr, self._stderr), daemon=True)
-        self._err_thread.start()
-        self._reader = _Reader(self.proc.stdout.fileno())
         kind, hello = self._receive("handshake")
         if kind != "J" or hello.get("protocol") != wire.PROTOCOL:
             self._fail(f"bad handshake (expected protocol {wire.PROTOCOL}); got {str(hello)[:120]}")
@@ -120,6 +103,28 @@ class SubprocessSolver(Closeable):
         except (KeyError, TypeError, ValueError):
             self._fail(f"handshake lacks a valid state_shape/dtype: {str(hello)[:120]}")
         self.conditions = tuple(hello.get("conditions", ()))
+
+    def _start(self, cmd: list[str], timeout: float, *, env: dict[str, str] | None, cwd: str | None,
+               role: str) -> None:
+        """Start the program in its own process group, with a stderr drain and a killing finalizer."""
+        if isinstance(cmd, str) or not cmd:
+            raise SolverError("cmd must be a non-empty list of arguments (it is never run through a shell)")
+        if not timeout > 0:
+            raise SolverError(f"timeout must be > 0; got {timeout}")
+        self.cmd, self.timeout = [str(c) for c in cmd], float(timeout)
+        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
+        self._dead: str | None = None
+        try:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, bufsize=0, env=env, cwd=cwd,
+                                         start_new_session=True)
+        except OSError as exc:
+            raise SolverError(f"cannot start {role} {self.cmd[0]!r}: {exc.strerror or exc}") from None
+        self._finalizer = weakref.finalize(self, _kill_group, self.proc)
+        # the drain thread must not hold ``self``, or the finalizer would never run on drop
+        self._err_thread = threading.Thread(target=_drain, args=(self.proc.stderr, self._stderr), daemon=True)
+        self._err_thread.start()
+        self._reader = _Reader(self.proc.stdout.fileno())
 
     # -- plumbing ----------------------------------------------------------------------------
     def stderr_tail(self, lines: int = 10) -> str:
