@@ -14,6 +14,9 @@ APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "defense": ("applications.certified_defense.cli",
                 "certified defense of a query-only classifier: denoised smoothing by FO-DS / ZO-AE-DS / ZO-DS",
                 ("noisy_accuracy", "certified_accuracy_r0.25", "acr", "queries")),
+    "pde": ("applications.pde_correction.cli",
+            "solver-in-the-loop PDE correction through a black-box solver: SRC / NON / unrolled / ZO-SOL / FO-SOL",
+            ("mae", "mae_final", "queries", "wall_time_s")),
     "solver": ("applications.solver_cli", "vet (check) or expose (serve) a black-box PDE solver", ()),
 }
 TOOLS: dict[str, str] = {

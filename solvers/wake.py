@@ -1,23 +1,26 @@
 """The Solver-in-the-Loop wake flow (Um et al., NeurIPS 2020) in PhiFlow 3 with its NumPy backend.
 
-Incompressible Navier–Stokes in a 100 × 200 (x × y) box; a disc of radius 10 at (50, 50); the flow
-enters along +y with speed 1 through a band y < 5; zero-gradient (open) boundaries elsewhere;
-dt = 1. One step, in float64:
+Incompressible Navier–Stokes in a 100 × 200 (x × y) box with open (zero-gradient) boundaries; a disc
+of diameter D = 20 at (50, 50); the flow runs along +y at U = 1; dt = 1. One step, in float64, in
+Um et al.'s order:
 
-    v ← diffuse(v, ν = D·U / Re)              explicit, sub-stepped for stability (D = 20, U = 1)
-    v ← v·(1 − m_in) + m_in·(0, 1)             inflow band
-    v ← semi-Lagrangian self-advection
-    v ← make_incompressible(v, disc)           CG, tolerance 1e-5
-    v ← v·(1 − m_disc)                         no-slip: faces inside the disc are zero
+    v   ← diffuse(v, ν)                       explicit, sub-stepped for stability
+    v_y ← v_y·(1 − M) + M                     inflow: v_y = 1 on the mask M
+    v   ← semi-Lagrangian self-advection
+    v   ← make_incompressible(v, disc)        CG, tolerance 1e-5; faces inside the disc become 0
 
-The last line is our addition: PhiFlow's obstacle handling alone only blocks the normal flow, and a
-free-slip disc sheds no vortices. The Reynolds number is a per-sample condition.
+The inflow mask M covers the first two rows of y-faces and the first and last columns of y-faces, as in
+Um et al.; v_x is never forced. The Reynolds number Re is a per-sample condition with Um et al.'s
+mapping: their code diffuses by dt·res²/re in cell units with re = 1638.4·Re, which in domain units is
+ν = 10⁴/re = 10⁴/(1638.4·Re) ≈ 6.10/Re at every resolution (so their labels Re = 97.7 … 3125 for
+training and 146.5 … 2343.8 for testing are these Re, not U·D/ν).
 
 State: the staggered velocity as one flat vector per sample, the x-faces ((nx+1)·ny values,
 x-major) followed by the y-faces (nx·(ny+1) values); :meth:`split`/:meth:`join` convert.
 Batched along the first axis (PhiFlow batch dimension), so one call solves all samples' pressure
-systems together. Reference resolution 128×256, source 32×64; :func:`downsample_faces` maps one to
-the other by block-averaging faces (a coarse face is the mean of the fine faces it covers).
+systems together; the diffusion sub-steps are fixed by ``min_re``, so a sample's step never depends on
+the rest of its batch. Reference resolution 128×256, source 32×64; :func:`downsample_faces` maps one
+to the other by block-averaging faces (a coarse face is the mean of the fine faces it covers).
 """
 from __future__ import annotations
 
@@ -29,7 +32,27 @@ from solvers.protocol import SolverBase, SolverError
 
 DOMAIN = (100.0, 200.0)
 DISC_CENTER, DISC_RADIUS = (50.0, 50.0), 10.0
-INFLOW_BAND = 5.0
+RE_SCALE = 1638.4                  # Um et al.'s code parameter re = RE_SCALE · Re (the paper's label)
+
+
+def viscosity(re: np.ndarray | float) -> np.ndarray | float:
+    """ν in domain units for Reynolds label Re: 10⁴ / (1638.4 · Re) (Um et al.'s diffusion)."""
+    return 1e4 / (RE_SCALE * np.asarray(re, dtype=np.float64))
+
+
+def strouhal(signal: np.ndarray, dt: float = 1.0, length: float = 2 * DISC_RADIUS, speed: float = 1.0) -> float:
+    """Strouhal number f·D/U of the dominant frequency of a probe's time series (mean removed, Hann window)."""
+    x = np.asarray(signal, dtype=np.float64)
+    x = (x - x.mean()) * np.hanning(len(x))
+    power = np.abs(np.fft.rfft(x)) ** 2
+    freqs = np.fft.rfftfreq(len(x), dt)
+    k = int(np.argmax(power[1:])) + 1
+    if 0 < k < len(power) - 1:                 # parabolic interpolation of the peak on log power
+        a, b, c = np.log(power[k - 1:k + 2] + 1e-300)
+        shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
+    else:
+        shift = 0.0
+    return float((k + shift) * (freqs[1] - freqs[0]) * length / speed)
 
 
 def downsample_faces(vx: np.ndarray, vy: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +89,7 @@ class WakeFlow(SolverBase):
     def __init__(self, resolution: tuple[int, int] = (32, 64), *, dt: float = 1.0, min_re: float = 90.0,
                  cg_tol: float = 1e-5) -> None:
         from phi import math as pm
-        from phi.flow import Box, Obstacle, Solve, Sphere, StaggeredGrid, extrapolation
+        from phi.flow import Box, Obstacle, Solve, Sphere, StaggeredGrid, dual, extrapolation, spatial
 
         nx, ny = (int(r) for r in resolution)
         if nx < 4 or ny < 4 or dt <= 0 or min_re <= 0:
@@ -76,16 +99,18 @@ class WakeFlow(SolverBase):
         self.nx_faces, self.ny_faces = (nx + 1) * ny, nx * (ny + 1)
         self.state_shape = (self.nx_faces + self.ny_faces,)
         self.dtype = np.dtype(np.float64)
-        nu_max = 2 * DISC_RADIUS / min_re
-        self.substeps = max(1, math.ceil(nu_max * dt / (0.2 * self.dx ** 2)))
+        self.substeps = max(1, math.ceil(float(viscosity(min_re)) * dt / (0.2 * self.dx ** 2)))
         with pm.precision(64):
             bounds = Box(x=DOMAIN[0], y=DOMAIN[1])
             grid = dict(x=nx, y=ny, bounds=bounds)
             disc = Sphere(x=DISC_CENTER[0], y=DISC_CENTER[1], radius=DISC_RADIUS)
             self._proto = StaggeredGrid(0, extrapolation.BOUNDARY, **grid)
-            band = Box(x=(-10 * DOMAIN[0], 10 * DOMAIN[0]), y=(-10 * DOMAIN[1], INFLOW_BAND))
-            self._inflow = StaggeredGrid(band, extrapolation.BOUNDARY, **grid)
-            self._disc_mask = StaggeredGrid(disc, extrapolation.BOUNDARY, **grid)
+            my = np.zeros((nx, ny + 1))
+            my[:, :2] = 1.0                                   # the first two rows of y-faces
+            my[0, :] = my[-1, :] = 1.0                        # the first and last columns of y-faces
+            self.inflow_mask = my
+            self._mask = pm.stack([pm.tensor(np.zeros((nx + 1, ny)), spatial("x,y")),
+                                   pm.tensor(my, spatial("x,y"))], dual(vector="x,y"))
         self._obstacle = Obstacle(disc)
         self._solve = Solve("CG", cg_tol, cg_tol, max_iterations=2000)
 
@@ -125,15 +150,14 @@ class WakeFlow(SolverBase):
             values = pm.stack([pm.tensor(vx, batch("b"), spatial("x,y")), pm.tensor(vy, batch("b"), spatial("x,y"))],
                               dual(vector="x,y"))
             v = self._proto.with_values(values)
-            nu = pm.tensor(2 * DISC_RADIUS / re, batch("b"))
+            nu = pm.tensor(viscosity(re), batch("b"))
             v = diffuse.explicit(v, nu, self.dt, substeps=self.substeps)
-            v = v * (1 - self._inflow) + self._inflow * (0, 1)
+            v = v.with_values(v.values * (1 - self._mask) + self._mask)     # v_y = 1 on the mask; v_x untouched
             v = advect.semi_lagrangian(v, v, self.dt)
             try:
                 v, _ = fluid.make_incompressible(v, [self._obstacle], self._solve)
             except Exception as exc:  # phiml raises its own ConvergenceException etc.
                 raise SolverError(f"wake: pressure solve failed: {str(exc).splitlines()[0][:200]}") from None
-            v = v * (1 - self._disc_mask)
             out_x = v.values[{"~vector": "x"}].numpy("b,x,y")
             out_y = v.values[{"~vector": "y"}].numpy("b,x,y")
         return self.join(out_x, out_y)
@@ -143,15 +167,15 @@ class WakeFlow(SolverBase):
         return {"re": np.geomspace(146.5, 2343.8, batch)}
 
     def initial_state(self, batch: int, seed: int = 0) -> np.ndarray:
-        """Uniform flow (0, 1) plus a small lateral bump behind the disc that seeds the shedding.
+        """Um et al.'s start (:func:`initial_velocity`); deterministic, ``seed`` is unused."""
+        return initial_velocity(self.nx, self.ny, batch)
 
-        The bump's sign and strength are drawn from ``seed``; without any asymmetry the discrete
-        flow stays mirror-symmetric and the wake would not start shedding for a long time.
-        """
-        rng = np.random.default_rng(seed)
-        (X, Y), _ = self.face_centers()
-        bump = np.exp(-((X - DISC_CENTER[0]) ** 2 / 50.0 + (Y - DISC_CENTER[1] - 25.0) ** 2 / 100.0))
-        amp = rng.choice([-1.0, 1.0], size=(batch, 1, 1)) * rng.uniform(0.3, 0.6, size=(batch, 1, 1))
-        vx = amp * bump[None]
-        vy = np.ones((batch, self.nx, self.ny + 1))
-        return self.join(vx, vy)
+
+def initial_velocity(nx: int, ny: int, batch: int) -> np.ndarray:
+    """Um et al.'s start as a flat staggered state: v_y = 1 everywhere, and a sideways poke v_x = 1
+    on the x-faces 10–19 cells above the middle row and within 2 cells of the middle column, which
+    breaks the mirror symmetry so that the wake starts shedding."""
+    vx = np.zeros((batch, nx + 1, ny))
+    vx[:, nx // 2 - 2:nx // 2 + 2, ny // 2 + 10:ny // 2 + 20] = 1.0
+    vy = np.ones((batch, nx, ny + 1))
+    return WakeFlow.join(vx, vy)

@@ -125,11 +125,15 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def make_optimizer(optim: OptimConfig, params, steps_per_epoch: int):
-    """SGD with momentum and weight decay; linear warm-up then cosine decay, stepped once per step."""
+def make_optimizer(optim: OptimConfig, params, steps_per_epoch: int, *, kind: str = "sgd"):
+    """SGD with momentum (or Adam: ``kind="adam"``) and weight decay; linear warm-up then cosine decay,
+    stepped once per step."""
     import torch
 
-    opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if kind == "adam":
+        opt = torch.optim.Adam(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     total, warm = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warm))
     return opt, sched

@@ -1,0 +1,5 @@
+import sys
+
+from applications.pde_correction.cli import main
+
+sys.exit(main())
