@@ -24,6 +24,7 @@ import numpy as np
 
 from applications.pde_correction.config import PDEConfig, data_key
 from applications.pde_correction.families import Family, make_family
+from solvers.protocol import SolverError
 
 FORMAT = "deepzero-pde/1"
 SAVE_EVERY_S = 30.0
@@ -57,13 +58,16 @@ def default_dir(cfg: PDEConfig) -> Path:
 
 
 def open_solver(spec: str, options: dict[str, Any], timeout: float):
-    """``solvers.load`` with the config's options (an external solver also gets the timeout)."""
+    """``solvers.load`` with the config's options (registered and importable solvers) or timeout (external)."""
     import solvers
 
-    opts = dict(options or {})
-    if spec.startswith(("exec:", "http://", "https://")):
-        opts.setdefault("timeout", timeout)
-    return solvers.load(spec, **opts)
+    # an external program or server is configured on its own command line; it only gets the timeout
+    external = spec.startswith(("exec:", "http://", "https://"))
+    opts = {"timeout": timeout} if external else dict(options or {})
+    try:
+        return solvers.load(spec, **opts)
+    except SolverError as exc:
+        raise ValueError(f"solver '{spec}': {str(exc).splitlines()[0]}") from None
 
 
 def family_for(cfg: PDEConfig, fine_shape: tuple[int, ...]) -> Family:
@@ -177,7 +181,14 @@ def _simulate(ref, fam: Family, fine_cond: dict[str, np.ndarray], start: np.ndar
         while t < total:
             if t >= d.spinup and len(frames) == t - d.spinup:
                 frames.append(fam.downsample(state))
-            state = ref.step(state, **cond)
+            try:
+                state = ref.step(state, **cond)
+            except SolverError as exc:
+                _save_partial(partial, b0, t, state, frames, done_frames)
+                bar.close()
+                raise ValueError(f"the reference solver failed at step {t + 1} of simulations {b0 + 1}-{b1}: "
+                                 f"{str(exc).splitlines()[0]}; progress is kept in {partial.parent}, run "
+                                 "'deepzero pde generate' again to continue") from None
             t += 1
             bar.update(b1 - b0)
             if time.monotonic() - last_save > SAVE_EVERY_S:

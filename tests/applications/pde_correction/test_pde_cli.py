@@ -1,0 +1,130 @@
+"""``deepzero pde`` as users run it: the main job's smoke preset, an external solver that dies mid-run,
+an HTTP solver, bad input."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import deepzero, one_line_error
+
+FLAKY = Path(__file__).parent / "programs" / "flaky_burgers.py"
+
+
+def _client(home):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def smoke_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("pde")
+    proc = deepzero("pde", "run", "--preset", "smoke", "--no-progress", home=home, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return home, proc
+
+
+def _table(stdout: str) -> dict[str, dict[str, str]]:
+    lines = [l.split("\t") for l in stdout.splitlines() if "\t" in l]
+    head = lines[0]
+    return {row[0]: dict(zip(head, row)) for row in lines[1:]}
+
+
+def test_run_smoke_trains_every_mode_and_zo_beats_the_solver_alone(smoke_home):
+    home, proc = smoke_home
+    table = _table(proc.stdout)
+    assert set(table) == {"src", "non", "unrolled-net", "zo-sol-cge", "zo-sol-rge", "fo-sol"}
+    assert float(table["zo-sol-cge"]["mae"]) < float(table["src"]["mae"])          # held-out conditions
+    client = _client(home)
+    exp = client.get_experiment_by_name("deepzero/pde")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "run-burgers"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == set(table)
+    for name, run in children.items():
+        assert run.info.status == "FINISHED", name
+        if name != "src":
+            assert {"mae", "mae_sem", "mae_final", "queries"} <= set(run.data.metrics), name
+    zo = children["zo-sol-cge"]
+    assert zo.data.tags["needs_differentiable_solver"] == "no"
+    assert children["fo-sol"].data.tags["needs_differentiable_solver"] == "yes"
+    # CGE's solver sample-steps: (d + 1) sets × B windows × m steps per step; smoke: d = 65, B = 4,
+    # 8 steps at m = 1 then 8 at m = 4
+    assert zo.data.metrics["queries"] == 66 * 4 * (8 * 1 + 8 * 4)
+    assert children["unrolled-net"].data.metrics["queries"] == 4 * (8 * 1 + 8 * 4)
+    assert {f"mae_{m}" for m in table} <= set(parent.data.metrics)
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
+    assert {"evaluation/mae.tsv", "evaluation/mae_vs_step.png", "evaluation/snapshots.png",
+            "evaluation/rollout.gif"} <= arts
+    gif = Path(client.download_artifacts(parent.info.run_id, "evaluation/rollout.gif", str(home / "dl")))
+    assert gif.read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+
+
+def test_external_solver_dying_mid_training_stops_cleanly_and_resume_finishes(tmp_path):
+    home = tmp_path / "h1"
+    flag = tmp_path / "crash"
+    flag.write_text("1")
+    spec = f"exec:{sys.executable} {FLAKY} 45 {flag} n=16 nu=0.01 dt=0.05 umax=3.0"
+    args = ("pde", "train", "--preset", "smoke", "--mode", "zo-sol", "--no-progress",
+            "--set", f"solver.source={spec}", "--set", "solver.timeout=30")
+    proc = deepzero(*args, home=home, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "stopped: solver failed at step" in proc.stderr and "crashing at call 45" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    print(proc.stderr)
+    (ckpt,) = (home / "runs" / "pde").glob("*/checkpoint.pt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["epoch"] == 1                                # the first epoch's checkpoint is intact
+    flag.unlink()
+    proc = deepzero("pde", "train", "--resume", str(ckpt), "--no-progress", home=home, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    done = torch.load(ckpt, weights_only=True)
+    assert done["epoch"] == 2
+    # the interrupted-then-resumed run equals an uninterrupted one with the in-process solver
+    proc = deepzero("pde", "train", "--preset", "smoke", "--mode", "zo-sol", "--no-progress", home=tmp_path / "h2",
+                    timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (clean,) = (tmp_path / "h2" / "runs" / "pde").glob("*/checkpoint.pt")
+    clean = torch.load(clean, weights_only=True)
+    for k, v in clean["model"].items():
+        assert torch.equal(v, done["model"][k]), k
+
+
+def test_http_solver_serves_the_evaluation_bit_for_bit(smoke_home):
+    from solvers.burgers import Burgers
+    from solvers.http import serve_in_thread
+
+    home, _ = smoke_home
+    server, url = serve_in_thread(Burgers(16, nu=0.01, dt=0.05, umax=3.0))
+    try:
+        proc = deepzero("pde", "evaluate", "src", "--preset", "smoke", "--no-progress",
+                        "--set", f"solver.source={url}", "--set", "evaluate.gif_frames=0", home=home, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    over_http, in_process = _table(proc.stdout)["src"], _table(smoke_home[1].stdout)["src"]
+    assert over_http["mae"] == in_process["mae"] and over_http["mae_final"] == in_process["mae_final"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("train", "--preset", "smoke", "--mode", "src"), "nothing to train"),
+    (("train", "--preset", "smoke", "--mode", "bogus"), "train.mode"),
+    (("train", "--preset", "smoke", "--mode", "zo-sol", "--method", "fo"), "optim.method must be zo-cge"),
+    (("train", "--preset", "smoke", "--mode", "fo-sol", "--set", "solver.source=exec:nope"), "differentiable twin"),
+    (("run", "--preset", "smoke", "--modes", "src,zo-sol-sgd"), "--modes: unknown mode 'zo-sol-sgd'"),
+    (("generate", "--preset", "smoke", "--set", "train.unroll=1,x"), "train.unroll"),
+    (("generate", "--preset", "smoke", "--set", "solver.reference=exec:/nonexistent/solver"), "solver 'exec:"),
+    (("evaluate", "/nonexistent.pt", "--preset", "smoke"), "nonexistent.pt"),
+])
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    proc = deepzero("pde", *args, home=tmp_path)
+    assert needle in one_line_error(proc)
+    assert not (tmp_path / "mlflow" / "mlflow.db").exists() or not _runs(tmp_path)
+
+
+def _runs(home):
+    client = _client(home)
+    exp = client.get_experiment_by_name("deepzero/pde")
+    return [] if exp is None else client.search_runs([exp.experiment_id])
