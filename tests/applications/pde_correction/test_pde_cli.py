@@ -72,7 +72,6 @@ def test_external_solver_dying_mid_training_stops_cleanly_and_resume_finishes(tm
     assert proc.returncode == 1, proc.stderr
     assert "stopped: solver failed at step" in proc.stderr and "crashing at call 45" in proc.stderr
     assert "Traceback" not in proc.stderr
-    print(proc.stderr)
     (ckpt,) = (home / "runs" / "pde").glob("*/checkpoint.pt")
     saved = torch.load(ckpt, weights_only=True)
     assert saved["epoch"] == 1                                # the first epoch's checkpoint is intact
@@ -110,11 +109,8 @@ def test_http_solver_serves_the_evaluation_bit_for_bit(smoke_home):
 
 @pytest.mark.parametrize("args, needle", [
     (("train", "--preset", "smoke", "--mode", "src"), "nothing to train"),
-    (("train", "--preset", "smoke", "--mode", "bogus"), "train.mode"),
-    (("train", "--preset", "smoke", "--mode", "zo-sol", "--method", "fo"), "optim.method must be zo-cge"),
     (("train", "--preset", "smoke", "--mode", "fo-sol", "--set", "solver.source=exec:nope"), "differentiable twin"),
     (("run", "--preset", "smoke", "--modes", "src,zo-sol-sgd"), "--modes: unknown mode 'zo-sol-sgd'"),
-    (("generate", "--preset", "smoke", "--set", "train.unroll=1,x"), "train.unroll"),
     (("generate", "--preset", "smoke", "--set", "solver.reference=exec:/nonexistent/solver"), "solver 'exec:"),
     (("evaluate", "/nonexistent.pt", "--preset", "smoke"), "nonexistent.pt"),
 ])
@@ -128,3 +124,22 @@ def _runs(home):
     client = _client(home)
     exp = client.get_experiment_by_name("deepzero/pde")
     return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.mode=bogus"], "train.mode"),
+    (["train.mode=zo-sol", "optim.method=fo"], "optim.method must be zo-cge"),
+    (["train.unroll=1,x"], "train.unroll"),
+    (["train.unroll=1,80"], "only data.steps = 60"),
+    (["evaluate.horizon=60"], "must be below data.steps"),
+    (["zo.sparsity=0.5", "zo.ratios=zo-grasp"], "zo.ratios=zo-grasp"),
+    (["solver.family=heat"], "solver.family"),
+])
+def test_config_mistakes_name_the_key(overrides, needle):
+    from applications.pde_correction.config import PRESET_DIR, PDEConfig
+    from core.runtime.config import build_config
+    from core.runtime.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        build_config(PDEConfig, preset_dir=PRESET_DIR, preset="smoke", overrides=overrides).validate()
+    assert needle in str(err.value)
