@@ -21,3 +21,10 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def mlflow_client(home: Path):
+    """An MLflow client on the tracking store a ``deepzero(..., home=home)`` run wrote."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")

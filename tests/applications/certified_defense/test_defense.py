@@ -5,13 +5,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import deepzero, one_line_error
-
-
-def _client(home):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+from tests.helpers import deepzero, mlflow_client as _client, one_line_error
 
 
 @pytest.fixture(scope="module")

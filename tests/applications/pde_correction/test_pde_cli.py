@@ -6,15 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import deepzero, one_line_error
+from tests.helpers import deepzero, mlflow_client as _client, one_line_error
 
 FLAKY = Path(__file__).parent / "programs" / "flaky_burgers.py"
-
-
-def _client(home):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
