@@ -35,10 +35,10 @@ RESUME_SAFE = ("data.dir", "solver.timeout", "evaluate.sims", "evaluate.horizon"
 class SolverConfig:
     family: str = "burgers"                # burgers | wake: the state layout and conditions
     source: str = "burgers"                # the coarse black box: name | pkg.mod:Class | exec:COMMAND | http://...
-    source_options: dict[str, Any] = field(default_factory=lambda: {"n": 32, "nu": 0.01, "dt": 0.05, "umax": 3.0})
+    source_options: dict[str, Any] = field(default_factory=dict)      # keyword arguments of a registered or
+    #                                        importable solver (the presets set them); external ones take none
     reference: str = "burgers"             # the fine solver generating the data
-    reference_options: dict[str, Any] = field(default_factory=lambda: {"n": 128, "nu": 0.01, "dt": 0.05,
-                                                                       "umax": 3.0})
+    reference_options: dict[str, Any] = field(default_factory=dict)
     factor: int = 4                        # reference cells per source cell (block averages)
     timeout: float = 120.0                 # seconds per call of an external solver
 
