@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,23 @@ from core.runtime.errors import UserError
 CELLS = {"src": ("src", None), "non": ("non", "fo"), "unrolled-net": ("unrolled-net", "fo"),
          "zo-sol-cge": ("zo-sol", "zo-cge"), "zo-sol-rge": ("zo-sol", "zo-rge"), "zo-sol-mezo": ("zo-sol", "zo-mezo"),
          "fo-sol": ("fo-sol", "fo")}
+
+
+class EvaluationStopped(UserError):
+    """The solver failed (or a corrector diverged) during an evaluation: one line, exit status 1."""
+
+    exit_code = 1
+
+
+@contextmanager
+def _evaluation_guard(what: str):
+    from applications.pde_correction.rollout import SolverFailed
+    from core.runtime.experiment import TrainingDiverged
+
+    try:
+        yield
+    except (SolverFailed, TrainingDiverged) as exc:
+        raise EvaluationStopped(f"{what} stopped: {exc}") from None
 
 
 def parse_cells(text: str) -> list[str]:
@@ -85,8 +103,9 @@ def run_pipeline(cfg: PDEConfig, *, cells: str, progress: bool = True) -> int:
 
     def summarize(parent, rows: list[dict[str, Any]]) -> None:
         ordered = {label: models[label] for label in labels if label in models}
-        table, errors, kept = evaluate_models(problem, ordered, horizon=horizon, sims=cfg.evaluate.sims,
-                                              frames_kept=kept_frames, progress=progress)
+        with _evaluation_guard("the final evaluation"):
+            table, errors, kept = evaluate_models(problem, ordered, horizon=horizon, sims=cfg.evaluate.sims,
+                                                  frames_kept=kept_frames, progress=progress)
         by_label = {r["cell"]: r for r in rows}
         for r in table:
             r.update({k: by_label[r["mode"]][k] for k in ("train_wall_s", "train_queries")})
@@ -144,8 +163,9 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
 
         problem = Problem(base, generate(base, progress=progress), progress=progress)
     try:
-        table, errors, kept = evaluate_models(problem, models, horizon=horizon, sims=base.evaluate.sims,
-                                              frames_kept=kept_frames, progress=progress)
+        with _evaluation_guard("evaluate"):
+            table, errors, kept = evaluate_models(problem, models, horizon=horizon, sims=base.evaluate.sims,
+                                                  frames_kept=kept_frames, progress=progress)
         with Tracker("pde", experiment=base.run.experiment, run_name="evaluate") as tr:
             tr.log_params({**flatten(base), "checkpoints": ",".join(checkpoints)})
             tr.set_tags({"deepzero.kind": "evaluation"})

@@ -112,7 +112,10 @@ def rollout_errors(model, solver, family: Family, frames: np.ndarray, cond: dict
         if model is not None:
             s = s + family.from_field(model(family.net_input(s, planes)))
         if not torch.isfinite(s).all():
-            raise SolverFailed(f"the corrected rollout became non-finite at step {t}")
+            from core.runtime.experiment import TrainingDiverged
+
+            raise TrainingDiverged(f"the corrected rollout became non-finite at step {t} of the evaluation "
+                                   "(the corrector diverged: lower optim.lr)")
         errors[:, t - 1] = np.abs(s.numpy() - frames[:, t]).reshape(len(frames), -1).mean(1)
         if t in marks:
             kept.append(s[0].numpy().copy())

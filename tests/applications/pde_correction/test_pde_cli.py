@@ -137,3 +137,15 @@ def test_config_mistakes_name_the_key(overrides, needle):
     with pytest.raises(UserError) as err:
         build_config(PDEConfig, preset_dir=PRESET_DIR, preset="smoke", overrides=overrides).validate()
     assert needle in str(err.value)
+
+
+def test_solver_dying_during_evaluation_is_one_line_with_status_1(tmp_path):
+    flag = tmp_path / "crash"
+    flag.write_text("1")
+    spec = f"exec:{sys.executable} {FLAKY} 5 {flag} n=16 nu=0.01 dt=0.05 umax=3.0"
+    proc = deepzero("pde", "evaluate", "src", "--preset", "smoke", "--no-progress", "--set", f"solver.source={spec}",
+                    home=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "INFO mlflow" not in l]
+    assert lines[-1].startswith("deepzero pde evaluate: error: evaluate stopped:") and "Traceback" not in proc.stderr
+    assert not _runs(tmp_path)                                # no half-made evaluation run
