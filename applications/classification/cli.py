@@ -6,6 +6,7 @@ import sys
 
 from core.runtime.cli import Parser, add_config_args, add_runtime_args, add_train_args, run_guarded
 from core.runtime.config import available_presets
+from core.runtime.launch import add_launch_args
 
 VERBS = {
     "train": "train a model by ZO (sparse CGE by default), RGE, MeZO or backprop",
@@ -26,6 +27,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add_config_args(t, presets)
     add_runtime_args(t)
     add_train_args(t)
+    add_launch_args(t)
     t.add_argument("--data-root", help="directory of cifar10 / imagefolder data (sets data.data_root)")
     t.add_argument("--ratios", metavar="FILE", help="layer-wise pruning ratios from 'classify prune'")
     r = sub.add_parser("prune", help=VERBS["prune"], description=VERBS["prune"])
@@ -77,7 +79,7 @@ def _train(args) -> int:
 
     return train_command(args, schema=ClassifyConfig, preset_dir=PRESET_DIR, experiment=ClassifyExperiment,
                          prog="deepzero classify train", extra_overrides=_flag_overrides(args),
-                         safe_keys=RESUME_SAFE)
+                         safe_keys=RESUME_SAFE, argv=args.argv[1:])
 
 
 def _prune(args) -> int:
@@ -174,6 +176,8 @@ def _study(args) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "deepzero classify") -> int:
-    args = _parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser(prog).parse_args(argv)
+    args.argv = argv                           # the verb and its arguments, for --nproc's relaunch
     handler = {"train": _train, "prune": _prune, "study": _study, "evaluate": _evaluate}[args.verb]
     return run_guarded(lambda: handler(args), f"{prog} {args.verb}")

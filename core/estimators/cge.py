@@ -13,6 +13,8 @@ equals the naive loop up to float rounding. ``engine="naive"`` forces the refere
 General objectives ``objective(model)`` use the naive loop; batched objectives
 ``objective(model, params)`` receive ``objective_batch`` one-coordinate perturbations per call.
 Every path restores θ exactly, also when the step is interrupted by an exception.
+With ``shard=`` (:class:`core.distributed.Shard`) each rank of a ``torch.distributed`` group
+estimates a share of the coordinates and one all-gather completes the gradient on every rank.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class CGE(ZOEstimator):
         chunk: the fast engine's perturbations evaluated together (default: chosen from the
             activation sizes).
         objective_batch: parameter sets per call of a batched objective (default 32).
+        shard: a :class:`core.distributed.Shard`: this process evaluates only its rank's share of
+            the coordinates (None: all of them).
 
     Example::
 
@@ -50,7 +54,7 @@ class CGE(ZOEstimator):
 
     def __init__(self, model: nn.Module, mu: float = 5e-3, *, central: bool = False, sparsity: Any = None,
                  params: Iterable[nn.Parameter] | None = None, sign: bool = False, engine: str = "auto",
-                 chunk: int | None = None, objective_batch: int = 32) -> None:
+                 chunk: int | None = None, objective_batch: int = 32, shard: Any = None) -> None:
         super().__init__(model, params=params, sparsity=sparsity, sign=sign, objective_batch=objective_batch)
         if not mu > 0:
             raise ValueError(f"mu must be > 0; got {mu}")
@@ -58,7 +62,10 @@ class CGE(ZOEstimator):
             raise ValueError(f"engine must be 'auto', 'fast' or 'naive'; got {engine!r}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1 or None; got {chunk}")
+        if shard is not None and not callable(getattr(shard, "backward", None)):
+            raise TypeError(f"shard must be a core.distributed.Shard or None; got {type(shard).__name__}")
         self.mu, self.central, self.engine, self.chunk = float(mu), central, engine, chunk
+        self.shard = shard
         self._fast = None
         self._fast_failed = False
         self.last_engine = None
@@ -81,15 +88,33 @@ class CGE(ZOEstimator):
         msg = f"the fast CGE engine cannot analyse this model: {exc}"
         if self.engine == "fast":
             raise ValueError(msg) from None
+        import os
+        import sys
         import warnings
 
+        core_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        frame, level = sys._getframe(0), 1
+        while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(core_dir):
+            frame, level = frame.f_back, level + 1      # up to the first caller outside core: the user's
         warnings.warn(f"{msg}; using the exact naive loop instead (engine='naive' silences this)",
-                      RuntimeWarning, stacklevel=5)   # the user's backward() call
+                      RuntimeWarning, stacklevel=level)
         self._fast_failed, self._fast = True, None
 
     def _backward(self, call: ObjectiveCall, snapshot: Snapshot) -> torch.Tensor:
         del snapshot   # every path restores θ itself; the snapshot serves only on an exception
         active = self.active_indices()
+        if self.shard is not None:
+            return self.shard.backward(self, call, active)
+        loss0, grads = self._estimate(call, active)
+        self._set_grads(grads)
+        return loss0
+
+    def _estimate(self, call: ObjectiveCall, active: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(unperturbed loss, flat gradient per owned parameter) over the coordinates ``active``.
+
+        Coordinates outside ``active`` get 0; ``queries`` grows by what was spent. ``p.grad`` is
+        left alone (a shard estimates part of the coordinates and gathers the rest first).
+        """
         if call.kind == "supervised":
             loss_fn, x, y = call.fn, call.x, call.y
             engine = self._engine()
@@ -107,14 +132,13 @@ class CGE(ZOEstimator):
                     self._unsupported(exc)
                 else:
                     self.queries += queries + int(x.shape[0])
-                    self._set_grads(grads)
                     self.last_engine = "fast"
-                    return loss0
+                    return loss0, grads
         if call.kind == "batched":
             return self._backward_batched(call, active)
         return self._backward_naive(call, active)
 
-    def _backward_naive(self, call: ObjectiveCall, active: list[torch.Tensor]) -> torch.Tensor:
+    def _backward_naive(self, call: ObjectiveCall, active: list[torch.Tensor]):
         """The reference loop: one full evaluation per coordinate and sign, θ_j restored exactly."""
         self.last_engine = "naive"
         loss0 = self._evaluate(call)
@@ -135,10 +159,9 @@ class CGE(ZOEstimator):
                         g[j] = (plus - loss0) / self.mu
                     flat[j] = old
                 grads.append(g)
-        self._set_grads(grads)
-        return loss0
+        return loss0, grads
 
-    def _backward_batched(self, call: ObjectiveCall, active: list[torch.Tensor]) -> torch.Tensor:
+    def _backward_batched(self, call: ObjectiveCall, active: list[torch.Tensor]):
         """``objective(model, params)`` on ``objective_batch`` parameter sets per call.
 
         Set k moves one coordinate j by +μ (and, central, the next set by −μ); the unperturbed
@@ -164,5 +187,4 @@ class CGE(ZOEstimator):
                 grads[i][j] = g[k]
 
         loss0 = self._batched(call, len(jobs), len(signs), fill, consume, base=True)
-        self._set_grads(grads)
-        return loss0
+        return loss0, grads

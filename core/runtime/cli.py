@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -73,11 +74,24 @@ def run_guarded(fn: Callable[[], int | None], prog: str) -> int:
     try:
         return int(fn() or 0)
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        from core.runtime.ranks import rank_label
+
+        print(f"{rank_label()}{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        from core.runtime.ranks import rank_label
+
+        print(f"{rank_label()}{prog}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:                 # a rank of a multi-process run lost the others
+        from core.distributed import RankLost
+
+        if not isinstance(exc, RankLost):
+            raise
+        from core.runtime.ranks import rank_label
+
+        print(f"{rank_label()}{prog}: stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -116,16 +130,21 @@ def config_or_print(args: argparse.Namespace, schema: type, preset_dir, extra_ov
 
 def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experiment: type, prog: str,
                   extra_overrides: list[str] = (), safe_keys: tuple[str, ...] = (),
-                  on_epoch: Callable[[dict], None] | None = None) -> int:
+                  on_epoch: Callable[[dict], None] | None = None, argv: list[str] | None = None) -> int:
     """The training verb of any app: config (or checkpoint + safe changes) → experiment → loop.
 
     Every mistake in the config, data, model or checkpoint surfaces before an MLflow run is opened.
+    With ``--nproc N`` (:func:`core.runtime.launch.add_launch_args`; ``argv``: the verb's own
+    arguments) the command relaunches itself on N ranks; as one of several ranks it shards CGE
+    and only rank 0 logs, prints and checkpoints.
     """
+    from core.runtime import launch
     from core.runtime.checkpoint import load_checkpoint
     from core.runtime.config import to_yaml
-    from core.runtime.experiment import resume_config, run_experiment, user_errors
+    from core.runtime.experiment import checkpoint_path, resume_config, run_experiment, user_errors
 
     setup_torch(args.threads)
+    launch.check_launch_args(args)
     state = None
     if args.resume:
         state = load_checkpoint(args.resume, app=experiment.app)
@@ -141,8 +160,19 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    if state is not None:
+    lead = "RANK" not in os.environ or os.environ["RANK"] == "0"
+    if state is not None and lead:
         _check_run_exists(state.get("mlflow_run_id"))
+    if launch.wants_launch(args):
+        launch.refuse_unsharded(cfg, args.nproc)
+        from types import SimpleNamespace
+
+        app = SimpleNamespace(cfg=cfg, app=experiment.app)
+        return launch.launch_local(args, list(argv or []), prog=prog,
+                                   checkpoint_of=lambda run_id: checkpoint_path(app, run_id))
+    from core.runtime.ranks import start_session
+
+    session = start_session(args, resolve_device(cfg.run.device)) if hasattr(cfg.run, "device") else None
     with user_errors():
         exp = experiment(cfg, resume=state)
     if state is not None:
@@ -150,17 +180,28 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
         if exp.total_epochs < exp.epoch:
             raise UserError(f"the checkpoint has finished {exp.epoch} epochs; optim.epochs={cfg.optim.epochs} would "
                             "undo them (a resume may only add epochs)")
-    from core.runtime.tracking import Tracker
+    if session is not None:
+        session.attach(exp)
+    from core.runtime.tracking import NullTracker, Tracker
 
-    with Tracker(experiment.app, experiment=cfg.run.experiment, run_name=cfg.run.run_name or exp.run_name(),
-                 run_id=state["mlflow_run_id"] if state else None) as tr:
-        print(f"run {tr.run_id}: {exp.summary()}{' (resumed)' if state else ''}", flush=True)
-        resume = f"{prog} --resume {{checkpoint}}"
-        out = run_experiment(exp, tr, progress=not args.no_progress, on_epoch=on_epoch or print_epoch,
-                             resume_command=resume)
+    tracker = Tracker(experiment.app, experiment=cfg.run.experiment, run_name=cfg.run.run_name or exp.run_name(),
+                      run_id=state["mlflow_run_id"] if state else None) if lead else NullTracker()
+    with tracker as tr:
+        if lead:
+            print(f"run {tr.run_id}: {exp.summary()}{' (resumed)' if state else ''}", flush=True)
+        if lead and (session is not None or state is not None):
+            tr.set_tags({"deepzero.ranks": session.world if session else 1})
+        resume = f"{prog} --resume {{checkpoint}}" + (f" --nproc {session.world}" if session and hasattr(args, "nproc")
+                                                      else "")
+        out = run_experiment(exp, tr, progress=lead and not args.no_progress, save_checkpoints=lead,
+                             on_epoch=(on_epoch or print_epoch) if lead else None, resume_command=resume,
+                             sync=session.sync if session else None)
     if out.stopped is not None:
-        print(f"{prog}: stopped: {out.stopped}; {out.extra['resume_hint']}", file=sys.stderr)
+        if lead:
+            print(f"{prog}: stopped: {out.stopped}; {out.extra['resume_hint']}", file=sys.stderr)
         return 1
+    if not lead:
+        return 0
     print(f"checkpoint: {out.checkpoint}")
     print(f"browse: deepzero ui   (run {out.run_id})")
     return 0

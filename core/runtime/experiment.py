@@ -266,7 +266,7 @@ class _MetricGate:
 
     def __init__(self, tracker, resumed: bool) -> None:
         self.tracker, self.last = tracker, {}
-        if resumed:
+        if resumed and getattr(tracker, "client", None) is not None:   # a NullTracker (ranks > 0) logs nothing
             run = tracker.client.get_run(tracker.run_id)
             for key in run.data.metrics:
                 hist = tracker.client.get_metric_history(tracker.run_id, key)
@@ -322,15 +322,18 @@ def _epoch(exp: Experiment, gate: _MetricGate, progress: bool) -> dict[str, floa
 
 def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_checkpoints: bool = True,
                    on_epoch: Callable[[dict[str, float]], None] | None = None,
-                   resume_command: str | None = None) -> RunResult:
+                   resume_command: str | None = None, sync: Callable[[], None] | None = None) -> RunResult:
     """Train (or continue) ``exp`` inside the open MLflow run ``tracker``; see the module docstring.
 
     Args:
         save_checkpoints: write the checkpoint after every epoch (sweeps' cells turn it off).
         on_epoch: called with each epoch's history row (the CLI prints it).
+        sync: called before each epoch's steps; a multi-process run waits there for every rank
+            (rank 0 alone logs and checkpoints, so the step collectives need not wait for that).
         resume_command: the command that resumes this run, printed on Ctrl-C and early stops
             (``{checkpoint}`` is replaced by the checkpoint path).
     """
+    from core.distributed import RankLost, RanksDisagree
     from core.runtime.checkpoint import save_checkpoint
     from core.runtime.config import flatten, to_yaml
 
@@ -374,6 +377,8 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
 
     try:
         while exp.epoch < exp.total_epochs:
+            if sync is not None:
+                sync()
             row = _epoch(exp, gate, progress)
             gate.log({k: v for k, v in row.items() if k != "epoch"}, step=exp.epoch)
             tracker.flush()
@@ -387,7 +392,7 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
         keep_spent_queries()
         print(f"\ninterrupted during epoch {exp.epoch + 1}: {how_to_resume()}", file=sys.stderr, flush=True)
         raise
-    except exp.stop_errors + (TrainingDiverged,) as exc:
+    except exp.stop_errors + (TrainingDiverged, RankLost, RanksDisagree) as exc:
         tracker.flush()
         keep_spent_queries()
         stopped = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

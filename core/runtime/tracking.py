@@ -314,3 +314,48 @@ class Tracker:
             self._log_written(artifact_file, lambda path: fig.savefig(path, dpi=120, bbox_inches="tight"))
         finally:
             plt.close(fig)
+
+
+class NullTracker:
+    """Stands in for :class:`Tracker` on the ranks other than 0 of a multi-process run: logs nothing.
+
+    Only rank 0 talks to MLflow; the other ranks run the same loop against this object.
+    """
+
+    client = None
+    resumed = False
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+
+    def __enter__(self) -> "NullTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def delete_tag(self, key: str) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, fig, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

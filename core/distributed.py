@@ -1,0 +1,330 @@
+"""Distributed CGE on ``torch.distributed``: each rank estimates a share of the coordinates.
+
+CGE's coordinates are independent, so R processes can split them (DeepZero, Chen et al. 2024,
+"forward parallelization"). Per step, on every rank::
+
+    active  = the step's active coordinates          (same sparsity plan and seed on every rank)
+    shares  = split(active, costs)                    (whole parameters, balanced by measured cost)
+    g_mine  = FastCGE on shares[rank]                 (its own unperturbed forward, its own queries)
+    g       = all-gather(g_mine)                      (one collective; shard values only)
+    optimizer.step()                                  (the same update of the same weights everywhere)
+
+Deviation from the public DeepZero code, which ships every parameter from a master to its RPC
+workers every step: the weights never travel. Every rank starts from the same seed, sees the
+same batch and applies the same update to the same gathered gradient, so the weights stay equal
+bit for bit; only the d estimated values (plus 32 bytes of checks per rank) move per step. The
+shares differ in length (a cost split gives a rank more cheap coordinates or fewer dear ones), and
+gloo's all_gather needs equal lengths, so the all-gather runs as one ``all_to_all_single``
+(padding to the longest share would send up to R times the bytes).
+
+Exactness: by default a parameter is never cut between ranks, so the engine evaluates each
+parameter's coordinates in the same batches as in one process and the gradient equals the
+one-process gradient bit for bit (whatever the engine's batching; tested in float64 and float32
+on CPU). ``Shard(exact=False)`` also cuts inside parameters (contiguous runs of equal cost):
+better balance when one parameter dominates the cost, equal to one process within rounding
+(a coordinate's loss is computed in another batch of perturbations).
+
+Costs: on the first step the split balances coordinate counts and each rank times its share
+parameter by parameter (one engine call per parameter, buffers restored in between; the
+extra unperturbed forwards are counted as queries); the per-coordinate cost of each parameter,
+pooled over the ranks, then decides every later split (largest cost first, to the least loaded
+rank). General and batched objectives cost the same per coordinate and are split by counts.
+
+Checks, every step, from the gathered bytes: all ranks must report the same unperturbed loss
+(bit for bit on CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the
+same active set; otherwise :class:`RanksDisagree`. A collective that fails or outlasts the
+process group's timeout (a rank died or hangs) raises :class:`RankLost`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_P = 1_000_000_007          # modulus of the active-set fingerprint
+_META = 4                   # int64 words ahead of each rank's gradient bytes
+
+
+class RankLost(RuntimeError):
+    """A collective failed or timed out: another rank died or stopped answering."""
+
+
+rank_lost = False           # set once a collective of this process has failed (the run is ending)
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks evaluated different losses or active sets (different data, weights or seeds)."""
+
+
+# -- the process group ------------------------------------------------------------------------------
+def torchrun_world_size() -> int:
+    """``WORLD_SIZE`` of a process started by torchrun (1 for an ordinary process)."""
+    if "RANK" not in os.environ:
+        return 1
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0) -> bool:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``).
+
+    Backend: NCCL for a CUDA ``device`` (each rank takes GPU ``LOCAL_RANK``), gloo otherwise.
+    ``timeout`` (seconds) bounds every collective: a rank that waits longer for the others raises
+    :class:`RankLost`. Returns False (and does nothing) outside torchrun or for a world of 1.
+    """
+    if torchrun_world_size() <= 1:
+        return False
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds; got {timeout}")
+    if dist.is_initialized():
+        return True
+    device = torch.device(device)
+    backend = "gloo"
+    if device.type == "cuda":
+        backend = "nccl"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# -- splitting coordinates ----------------------------------------------------------------------------
+def split(active: list[torch.Tensor], world: int, costs: list[float] | None = None, *,
+          whole: bool = True) -> list[list[torch.Tensor]]:
+    """Share the active coordinates among ``world`` ranks with equal total cost.
+
+    Args:
+        active: flat indices of the active coordinates of each parameter.
+        world: the number of shares.
+        costs: the cost of one coordinate of each parameter (None: all equal).
+        whole: keep each parameter on one rank (largest total cost first, each to the least
+            loaded rank); else cut the coordinates, in parameter order, into contiguous runs.
+    Returns:
+        ``shares[r][i]``: the indices of parameter i that rank r evaluates (slices of
+        ``active[i]``; together a partition of it). Deterministic: every rank computes the same.
+    """
+    c = [1.0] * len(active) if costs is None else [float(v) for v in costs]
+    n = [int(idx.numel()) for idx in active]
+    if whole:
+        load, owner = [0.0] * world, [0] * len(active)
+        for i in sorted(range(len(active)), key=lambda i: (-n[i] * c[i], i)):
+            owner[i] = min(range(world), key=lambda r: (load[r], r))
+            load[owner[i]] += n[i] * c[i]
+        return [[idx if owner[i] == r else idx[:0] for i, idx in enumerate(active)] for r in range(world)]
+    total = sum(k * v for k, v in zip(n, c))
+    shares: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    start = 0.0
+    for idx, k, v in zip(active, n, c):
+        if total > 0 and k:
+            centre = start + (torch.arange(k, dtype=torch.float64) + 0.5) * v      # [k] cumulative cost
+            owner = (centre * (world / total)).floor().clamp_(0, world - 1).long()
+            counts = torch.bincount(owner, minlength=world).tolist()
+        else:
+            counts = [k] + [0] * (world - 1)
+        lo = 0
+        for r in range(world):
+            shares[r].append(idx[lo:lo + counts[r]])
+            lo += counts[r]
+        start += k * v
+    return shares
+
+
+def fingerprint(active: list[torch.Tensor]) -> torch.Tensor:
+    """An int64 summary of the active set (counts and index sums per parameter), for agreement checks."""
+    fp = torch.zeros((), dtype=torch.int64, device=active[0].device if active else "cpu")
+    for i, idx in enumerate(active):
+        idx = idx.to(torch.int64)
+        term = idx.numel() * 1_000_003 + (idx % _P).sum() + (idx * idx % _P).sum()
+        fp = (fp * 31 + (i + 1) * (term % _P)) % (1 << 61)
+    return fp
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+# -- the shard --------------------------------------------------------------------------------------
+class Shard:
+    """This rank's share of a :class:`core.CGE` step, and the one collective that completes it.
+
+    Pass it to the estimator, ``CGE(model, shard=Shard())``, on every rank of an initialised
+    process group (:func:`init_from_env`). ``zo.queries`` then counts the queries of all ranks
+    (the same number everywhere; a checkpoint of any rank resumes on any number of ranks), and
+    ``shard.local_queries`` those of this rank.
+
+    Args:
+        group: the process group (default: the world).
+        calibrate: time the first step per parameter and split later steps by cost (else: by
+            coordinate counts).
+        check: compare the ranks' unperturbed losses and active sets every step.
+        exact: never cut a parameter between ranks (bit for bit the one-process gradient); False
+            also cuts inside parameters (better balance; equal within rounding).
+
+    Attributes:
+        costs: seconds per coordinate of each owned parameter once calibrated, else None.
+        calibration_queries: extra queries the calibration step spent, summed over ranks.
+        last_bytes: bytes this rank sent in the last step's collective: its share (plus 32 bytes of
+            checks) to each of the other ranks.
+        last_compute_s, last_wait_s: this rank's seconds estimating its share, and in the
+            all-gather (mostly waiting for slower ranks), in the last step.
+    """
+
+    def __init__(self, *, group: Any = None, calibrate: bool = True, check: bool = True,
+                 exact: bool = True) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("Shard needs an initialised torch.distributed process group: launch with torchrun "
+                             "and call core.distributed.init_from_env() first")
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.calibrate, self.check, self.exact = calibrate, check, exact
+        self.costs: list[float] | None = None
+        self.local_queries = 0
+        self.calibration_queries = 0
+        self.last_bytes = 0
+        self.last_compute_s = self.last_wait_s = 0.0
+
+    # -- one step -----------------------------------------------------------------------------------
+    def backward(self, zo: Any, call: Any, active: list[torch.Tensor]) -> torch.Tensor:
+        """Estimate this rank's share, gather all shares into ``p.grad``; return the unperturbed loss."""
+        if self.world == 1:
+            loss0, grads = zo._estimate(call, active)
+            zo._set_grads(grads)
+            return loss0
+        before, start = zo.queries, time.perf_counter()
+        if self.costs is None and self.calibrate and call.kind == "supervised":
+            shares = split(active, self.world, whole=self.exact)
+            loss0, grads = self._calibrated(zo, call, shares)
+        else:
+            shares = split(active, self.world, self.costs, whole=self.exact)
+            loss0, grads = zo._estimate(call, shares[self.rank])
+        spent = zo.queries - before
+        self.last_compute_s = time.perf_counter() - start
+        full, total = self._gather(zo, shares, grads, loss0, spent, active)
+        self.local_queries += spent
+        zo.queries = before + total
+        zo._set_grads(full)
+        return loss0
+
+    def _calibrated(self, zo: Any, call: Any, shares: list[list[torch.Tensor]]):
+        """The first step, one parameter at a time, timed; sets :attr:`costs` from all ranks' timings."""
+        mine = shares[self.rank]
+        empty = [idx[:0] for idx in mine]
+        buffers = [(b, b.detach().clone()) for b in zo.model.buffers()]
+
+        def run(only: int | None):
+            with torch.no_grad():
+                for b, v in buffers:        # every call starts from the step's buffers (BN statistics)
+                    b.copy_(v)
+            sync = mine[0].device.type == "cuda" and torch.cuda.synchronize
+            t = time.perf_counter()
+            out = zo._estimate(call, [idx if i == only else e for i, (idx, e) in enumerate(zip(mine, empty))])
+            if sync:
+                sync()
+            return out, time.perf_counter() - t
+
+        (loss0, grads), _ = run(None)                 # warms up; its loss is the step's
+        _, overhead = run(None)                       # one unperturbed forward
+        seconds = []
+        for i, idx in enumerate(mine):
+            if idx.numel():
+                (_, g), dt = run(i)
+                grads[i] = g[i]
+                seconds.append(max(dt - overhead, 0.05 * dt))
+            else:
+                seconds.append(0.0)
+        local = torch.tensor([[float(idx.numel()), s] for idx, s in zip(mine, seconds)], dtype=torch.float64)
+        pooled = self._all_gather(local.to(mine[0].device), "the cost calibration")
+        n = sum(t[:, 0].cpu() for t in pooled)
+        s = sum(t[:, 1].cpu() for t in pooled)
+        measured = [float(si / ni) for si, ni in zip(s.tolist(), n.tolist()) if ni > 0]
+        mean = sum(measured) / len(measured) if measured else 1.0
+        self.costs = [float(si / ni) if ni > 0 else mean for si, ni in zip(s.tolist(), n.tolist())]
+        calls = [1 + sum(1 for idx in share if idx.numel()) for share in shares]   # beyond the step's own call
+        self.calibration_queries += sum(calls) * call.per_eval
+        return loss0, grads
+
+    # -- the collective -------------------------------------------------------------------------------
+    def _all_gather(self, t: torch.Tensor, what: str, sizes: list[int] | None = None) -> list[torch.Tensor]:
+        """Every rank's ``t``. With ``sizes`` (the lengths of the ranks' 1-D tensors) the shares may
+        differ in length: gloo's all_gather needs equal sizes, and padding to the largest share would
+        send up to R times the bytes, so uneven shares travel by one ``all_to_all_single`` instead.
+        """
+        try:
+            if sizes is None:
+                out = [torch.empty_like(t) for _ in range(self.world)]
+                dist.all_gather(out, t, group=self.group)
+            else:
+                flat = torch.empty(sum(sizes), dtype=t.dtype, device=t.device)
+                dist.all_to_all_single(flat, t.repeat(self.world), output_split_sizes=sizes,
+                                       input_split_sizes=[sizes[self.rank]] * self.world, group=self.group)
+                out = list(flat.split(sizes))
+        except RuntimeError as exc:        # gloo/NCCL errors, DistBackendError: a peer died or timed out
+            global rank_lost
+            rank_lost = True
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))[:200]   # drop gloo's source path
+            raise RankLost(f"lost contact with another rank during {what} ({reason}): a rank died, or hangs "
+                           "longer than the timeout") from None
+        return out
+
+    def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active):
+        """All shares' values into full zero-filled gradients; returns (gradients, queries of all ranks)."""
+        params = [p for _, p in zo.named_params]
+        device = params[0].device
+        sizes = [p.element_size() for p in params]
+        lengths = [8 * _META + sum(int(idx.numel()) * s for idx, s in zip(share, sizes)) for share in shares]
+        meta = torch.stack([loss0.detach().to(device, torch.float64).reshape(()).view(torch.int64),
+                            torch.tensor(spent, dtype=torch.int64, device=device),
+                            fingerprint(active).to(device), torch.zeros((), dtype=torch.int64, device=device)])
+        payload = torch.cat([_bytes(meta)] + [_bytes(g[idx]) for g, idx in zip(grads, shares[self.rank])])
+        self.last_bytes = (self.world - 1) * int(payload.numel())
+        start = time.perf_counter()
+        gathered = self._all_gather(payload, "the gradient all-gather", lengths)
+        self.last_wait_s = time.perf_counter() - start
+        full = [torch.zeros(p.numel(), dtype=p.dtype, device=device) for p in params]
+        metas = []
+        for r, b in enumerate(gathered):
+            metas.append(b[:8 * _META].clone().view(torch.int64))
+            at = 8 * _META
+            for i, (idx, p) in enumerate(zip(shares[r], params)):
+                nb = int(idx.numel()) * sizes[i]
+                if nb:
+                    full[i][idx] = b[at:at + nb].clone().view(p.dtype)
+                at += nb
+        metas = torch.stack(metas).cpu()                   # [world, _META]
+        if self.check:
+            self._agree(metas)
+        return full, int(metas[:, 1].sum())
+
+    def _agree(self, metas: torch.Tensor) -> None:
+        losses = metas[:, 0].clone().view(torch.float64)
+        if not bool((metas[:, 2] == metas[0, 2]).all()):
+            raise RanksDisagree("the ranks estimated different active sets: every rank needs the same sparsity "
+                                "plan and seed")
+        if dist.get_backend(self.group) == "nccl":
+            close = (losses - losses[0]).abs() <= 1e-3 * losses[0].abs().clamp(min=1.0)
+        else:
+            close = losses == losses[0]
+        close |= losses.isnan() & losses[0].isnan()          # a diverged step is the loop's to report
+        if not bool(close.all()):
+            raise RanksDisagree(f"the ranks disagree on the unperturbed loss ({', '.join(f'{v:.9g}' for v in losses)}"
+                                "): every rank needs the same weights, batch and seed")

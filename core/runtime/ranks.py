@@ -1,0 +1,99 @@
+"""One rank of a multi-process training run: joining torchrun's group, sharding CGE, syncing.
+
+A process started by torchrun (``RANK``, ``WORLD_SIZE``, ... in its environment) joins the group
+(:func:`start_session`); its experiment's :class:`core.CGE` gets a :class:`core.distributed.Shard`
+(:meth:`Session.attach`). Rank 0 leads: only it talks to MLflow, prints and checkpoints, so the
+ranks meet at every epoch's start (:meth:`Session.sync`) on a group with a long timeout, and the
+step collectives wait only for the step. SIGTERM (torchrun ending the ranks after one failed)
+becomes :class:`core.distributed.RankLost`, which the loop handles like any stop: the checkpoint
+of the last finished epoch is kept.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from core.runtime.errors import UserError
+from core.runtime.launch import refuse_unsharded
+
+SYNC_TIMEOUT = 3600.0       # seconds the ranks wait at an epoch's start for rank 0's logging and checkpoint
+
+
+@dataclass
+class Session:
+    """This process's place in a multi-process run (rank 0 leads: MLflow, output, checkpoints).
+
+    ``slow`` is a gloo group with a long timeout (:data:`SYNC_TIMEOUT`) for :meth:`sync`: rank 0
+    alone opens the MLflow run and writes checkpoints, which may take longer than a step's
+    collectives are allowed to wait.
+    """
+    rank: int
+    world: int
+    slow: Any = None
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def attach(self, exp: Any) -> None:
+        """Give the experiment's CGE a :class:`core.distributed.Shard`; refuse other estimators."""
+        from core import CGE
+        from core.distributed import Shard
+
+        if not isinstance(exp.estimator, CGE):
+            refuse_unsharded(exp.cfg, self.world)
+            raise UserError(f"{self.world} processes split CGE's coordinates; this run's estimator is "
+                            f"{type(exp.estimator).__name__}: use CGE, or one process")
+        exp.estimator.shard = Shard()
+
+    def sync(self) -> None:
+        """Wait until every rank gets here (start of an epoch)."""
+        import torch.distributed as dist
+
+        from core import distributed as D
+
+        try:
+            dist.barrier(group=self.slow)
+        except RuntimeError as exc:
+            D.rank_lost = True
+            raise D.RankLost(f"lost contact with another rank at the start of an epoch ({str(exc)[:200]})") from None
+
+
+def rank_label() -> str:
+    """``"[rank r/n] "`` in a rank other than 0 of a torchrun group, else ``""``."""
+    from core.distributed import torchrun_world_size
+
+    r = os.environ.get("RANK", "0")
+    return f"[rank {r}/{torchrun_world_size()}] " if r != "0" and torchrun_world_size() > 1 else ""
+
+
+def start_session(args: argparse.Namespace, device: Any) -> Session | None:
+    """Join torchrun's process group when this process is one of several ranks; None otherwise."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from core import distributed as D
+
+    world = D.torchrun_world_size()
+    if world == 1:
+        return None
+    nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and nproc != world:
+        raise UserError(f"--nproc {nproc}, but torchrun started {world} ranks: leave --nproc out under torchrun")
+    D.init_from_env(device=device, timeout=getattr(args, "dist_timeout", 300.0))
+    atexit.register(D.shutdown)
+
+    def on_sigterm(signum, frame):                  # torchrun ends the other ranks when one fails
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not D.rank_lost:                         # already stopping on a failed collective
+            D.rank_lost = True
+            raise D.RankLost("stopped by SIGTERM (torchrun ends every rank when one fails)")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SYNC_TIMEOUT))
+    return Session(D.rank(), D.world_size(), slow)

@@ -1,0 +1,91 @@
+"""A few CGE + SGD steps on every rank of a torchrun group, or alone; each rank saves what it saw.
+
+    python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 --master-port P \
+        tests/core/programs/dist_cge.py OUT
+
+writes ``OUT.rank<r>`` (a ``torch.save`` of :func:`run_all`'s results) on every rank.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from core import CGE, SparsityPlan, objective, random_ratios   # noqa: E402
+from core import distributed as D                              # noqa: E402
+from tests.core.toy_models import mlp, small_cnn               # noqa: E402
+
+# name -> (model, dtype, central, sparse masks, objective kind, steps, parameters kept whole)
+SCENARIOS = {
+    "cnn-float64-sparse": ("cnn", torch.float64, False, True, "supervised", 3, True),
+    "mlp-float32-central": ("mlp", torch.float32, True, False, "supervised", 2, True),
+    "mlp-float64-general": ("mlp", torch.float64, False, True, "general", 2, True),
+    "cnn-float64-cut": ("cnn", torch.float64, False, False, "supervised", 2, False),
+}
+B = 8
+
+
+def batch(kind: str, step: int, dtype: torch.dtype, skew: int = 0):
+    g = torch.Generator().manual_seed(100 + step)
+    if kind == "cnn":
+        x, y = torch.randn(B, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (B,), generator=g)
+    else:
+        x, y = torch.randn(B, 12, generator=g, dtype=dtype), torch.randint(0, 4, (B,), generator=g)
+    return x, (y + skew) % (5 if kind == "cnn" else 4)
+
+
+def run(name: str, shard=None) -> dict:
+    kind, dtype, central, sparse, obj, steps, _ = SCENARIOS[name]
+    torch.manual_seed(0)
+    model = (small_cnn() if kind == "cnn" else mlp()).to(dtype)
+    plan = SparsityPlan(model, random_ratios(model, 0.5), refresh_every=1, seed=3) if sparse else None
+    zo = CGE(model, mu=1e-3, central=central, sparsity=plan, shard=shard)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses, grads = [], []
+    for step in range(steps):
+        x, y = batch(kind, step, dtype)
+        opt.zero_grad()
+        if obj == "general":
+            loss = zo.backward(objective(lambda m: F.cross_entropy(m(x), y), queries=B))
+        else:
+            loss = zo.backward(F.cross_entropy, x, y)
+        losses.append(loss)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
+        opt.step()
+        if plan is not None:
+            plan.step()
+    return {"losses": torch.stack(losses), "grads": grads, "weights": model.state_dict(), "queries": zo.queries,
+            "local_queries": shard.local_queries if shard else zo.queries,
+            "calibration_queries": shard.calibration_queries if shard else 0,
+            "costs": shard.costs if shard else None, "bytes": shard.last_bytes if shard else 0,
+            "active": zo.num_active()}
+
+
+def disagreement() -> str:
+    """Rank r trains on labels shifted by r: every rank must refuse the step in the same words."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    zo = CGE(model, mu=1e-3, shard=D.Shard(calibrate=False))
+    x, y = batch("mlp", 0, torch.float64, skew=D.rank())
+    try:
+        zo.backward(F.cross_entropy, x, y)
+    except D.RanksDisagree as exc:
+        return str(exc)
+    return ""
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    D.init_from_env(timeout=60)
+    results = {name: run(name, D.Shard(exact=SCENARIOS[name][-1])) for name in SCENARIOS}
+    results["disagreement"] = disagreement()
+    results["world"] = D.world_size()
+    torch.save(results, f"{out}.rank{D.rank()}")
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

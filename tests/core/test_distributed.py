@@ -1,0 +1,235 @@
+"""Distributed CGE: 2 gloo ranks on 127.0.0.1 against 1 process, and a rank that dies or hangs.
+
+Every multi-process test runs real subprocesses (torchrun, the real ``deepzero`` command).
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.distributed import split
+from core.runtime.launch import loopback
+from tests.helpers import ROOT, deepzero
+
+PROGRAM = ROOT / "tests" / "core" / "programs" / "dist_cge.py"
+linux_only = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+# -- splitting --------------------------------------------------------------------------------------
+def test_split_keeps_parameters_whole_and_balances_their_cost():
+    active = [torch.arange(10), torch.tensor([3, 5, 7]), torch.arange(0), torch.arange(100, 140), torch.arange(6)]
+    costs = [4.0, 1.0, 9.0, 0.5, 2.0]                     # totals 40, 3, 0, 20, 12
+    shares = split(active, 2, costs)
+    for i, idx in enumerate(active):                      # each parameter on exactly one rank, whole
+        assert sorted(len(shares[r][i]) for r in range(2)) == [0, len(idx)]
+        assert all(torch.equal(shares[r][i], idx) for r in range(2) if len(shares[r][i]))
+    load = [sum(len(s[i]) * costs[i] for i in range(5)) for s in shares]
+    assert sorted(load) == [35, 40]                       # largest first, to the least loaded: {40}, {20, 12, 3}
+
+
+def test_split_inside_parameters_is_a_contiguous_partition_of_equal_cost():
+    active = [torch.arange(10), torch.tensor([3, 5, 7]), torch.arange(0), torch.arange(100, 140)]
+    costs = [4.0, 1.0, 9.0, 0.5]                          # total 40 + 3 + 0 + 20 = 63
+    shares = split(active, 3, costs, whole=False)
+    for i, idx in enumerate(active):                      # rank order = coordinate order: a partition
+        assert torch.equal(torch.cat([shares[r][i] for r in range(3)]), idx)
+    load = [sum(len(s[i]) * costs[i] for i in range(4)) for s in shares]
+    assert max(load) - min(load) <= 2 * max(costs), load  # within one coordinate's cost on each side
+    even = split(active, 2, whole=False)                  # no costs: equal counts
+    assert [sum(len(t) for t in s) for s in even] == [26, 27]
+    again = split(active, 3, costs, whole=False)          # deterministic: every rank computes the same
+    assert all(torch.equal(a, b) for s, t in zip(again, shares) for a, b in zip(s, t))
+
+
+# -- 2 ranks == 1 process ----------------------------------------------------------------------------
+def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
+    from tests.core.programs.dist_cge import B, SCENARIOS, run
+
+    out = tmp_path / "res"
+    lo = {"GLOO_SOCKET_IFNAME": loopback()} if loopback() else {}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(PROGRAM), str(out)],
+                          cwd=ROOT, env=_env(**lo), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    torch.set_num_threads(1)
+    for name, (_, dtype, _, _, _, steps, whole) in SCENARIOS.items():
+        alone = run(name)
+        for r, got in enumerate(ranks):
+            got = got[name]
+            # parameters kept whole: bit for bit in float64; cut inside parameters, or float32
+            # (whose kernels the engine may batch differently): equal within rounding
+            check = torch.equal if dtype == torch.float64 and whole else (
+                lambda a, b: torch.allclose(a, b, rtol=1e-5 if dtype == torch.float32 else 1e-9, atol=1e-9))
+            assert all(check(a, b) for a, b in zip(alone["grads"], got["grads"])), (name, r)
+            assert all(check(alone["weights"][k], got["weights"][k]) for k in alone["weights"]), (name, r)
+            assert check(alone["losses"], got["losses"]), (name, r)
+            # every rank does its own unperturbed forward (B queries a step) and the first step's
+            # calibration costs a few more; the count is the sum over ranks, the same on both
+            assert got["queries"] == alone["queries"] + B * steps + got["calibration_queries"], (name, r)
+        assert sum(g[name]["local_queries"] for g in ranks) == ranks[0][name]["queries"]
+        # the last step moved its d values (and 32 bytes of checks per rank), never the weights
+        assert sum(g[name]["bytes"] for g in ranks) == 2 * 32 + alone["active"] * dtype.itemsize
+    assert ranks[0]["cnn-float64-sparse"]["costs"] is not None                      # calibrated on step 1
+    # rank 1 trained on other labels: both ranks refuse the step with the same message
+    assert "the ranks disagree on the unperturbed loss" in ranks[0]["disagreement"]
+    assert ranks[0]["disagreement"] == ranks[1]["disagreement"]
+
+
+# -- the CLI ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,expected", [
+    (["--nproc", "0"], "--nproc must be >= 1; got 0"),
+    (["--nproc", "-2"], "--nproc must be >= 1; got -2"),
+    (["--nproc", "two"], "argument --nproc: invalid int value: 'two'"),
+    (["--nproc", "2", "--dist-timeout", "0"], "--dist-timeout must be a number of seconds > 0"),
+    (["--nproc", "2", "--set", "optim.method=zo-rge"], "optim.method=zo-rge would repeat the same work"),
+])
+def test_bad_nproc_is_one_line(tmp_path, monkeypatch, capsys, args, expected):
+    from applications.classification.cli import main
+
+    monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path))
+    try:
+        code = main(["train", "--preset", "smoke", *args])
+    except SystemExit as exc:                             # argparse's own errors
+        code = exc.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "mlflow").exists()             # no run was opened
+
+
+# scikit-learn's 8×8 digits load in milliseconds; 6 short epochs leave time to interrupt epoch 2
+ARGS = ["classify", "train", "--preset", "smoke", "--set", "data.name=digits", "--set", "data.train_subset=512",
+        "--set", "optim.epochs=6", "--no-progress"]
+
+
+def _rank_pid(home: Path, rank: int) -> int | None:
+    """The pid of rank ``rank`` of the run whose DEEPZERO_HOME is ``home``."""
+    want = {f"DEEPZERO_HOME={home}".encode(), f"RANK={rank}".encode(), f"LOCAL_RANK={rank}".encode()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= env:
+            return int(pid)
+    return None
+
+
+def _interrupt_rank_1(home: Path, sig: int, *extra: str) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """Start a 2-rank run, send ``sig`` to rank 1 once epoch 1's checkpoint exists; wait for the end."""
+    child = subprocess.Popen([sys.executable, "-m", "applications", *ARGS, "--nproc", "2", *extra], cwd=ROOT,
+                             env=_env(DEEPZERO_HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline, ckpts = time.time() + 240, []
+    while not ckpts and time.time() < deadline and child.poll() is None:
+        ckpts = list((home / "runs" / "classify").glob("*/checkpoint.pt"))
+        time.sleep(0.02)
+    pid = _rank_pid(home, 1)
+    assert ckpts and pid, ("no checkpoint or no rank 1", child.poll(), child.stderr.read() if child.poll() else "")
+    os.kill(pid, sig)
+    sent = time.time()
+    try:
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        if sig == signal.SIGSTOP and _rank_pid(home, 1):
+            os.kill(pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err), ckpts[0], time.time() - sent
+
+
+def _stop_line(proc: subprocess.CompletedProcess) -> str:
+    """Exit 1, no traceback, one line saying why, then only the resume command."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 2 and lines[1].strip().startswith("DEEPZERO_HOME="), proc.stderr
+    assert "--resume" in lines[1] and "--nproc 2" in lines[1]
+    return lines[0]
+
+
+def _uninterrupted(home: Path, monkeypatch) -> dict:
+    """The same run, one process, in this process: the loop against a tracker that logs nothing."""
+    from applications.classification.cli import _flag_overrides, _parser
+    from applications.classification.config import PRESET_DIR, ClassifyConfig
+    from applications.classification.train import ClassifyExperiment
+    from core.runtime.cli import resolve_config
+    from core.runtime.experiment import run_experiment
+    from core.runtime.tracking import NullTracker
+
+    monkeypatch.setenv("DEEPZERO_HOME", str(home))
+    args = _parser("deepzero classify").parse_args(ARGS[1:])
+    torch.set_num_threads(1)
+    exp = ClassifyExperiment(resolve_config(args, ClassifyConfig, PRESET_DIR, _flag_overrides(args)))
+    run_experiment(exp, NullTracker(), progress=False, save_checkpoints=False)
+    return {"model": exp.model.state_dict(), "history": exp.history}
+
+
+@linux_only
+def test_killed_rank_ends_the_run_in_one_line_and_resumes_on_one_rank(tmp_path, monkeypatch):
+    from core.runtime.checkpoint import load_checkpoint
+
+    proc, ckpt, took = _interrupt_rank_1(tmp_path, signal.SIGKILL)
+    line = _stop_line(proc)
+    assert "stopped: rank 1 of 2 was killed by SIGKILL; the checkpoint of epoch 1 is kept" in line, line
+    assert took < 60
+    partial = load_checkpoint(ckpt, app="classify")           # intact, and only epoch 1
+    assert partial["epoch"] == 1
+    resumed = deepzero("classify", "train", "--resume", str(ckpt), "--no-progress", home=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    b = load_checkpoint(ckpt)
+    assert b["epoch"] == 6 and b["mlflow_run_id"] == partial["mlflow_run_id"]
+    a = _uninterrupted(tmp_path / "straight", monkeypatch)
+    for k in a["model"]:                 # 2 ranks then 1 == 1 throughout: float32, equal within rounding
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)   # (bit for bit today)
+    torch.testing.assert_close([h["test_loss"] for h in b["history"]], [h["test_loss"] for h in a["history"]],
+                               rtol=1e-4, atol=0)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(b["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["deepzero.ranks"] == "1"
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 6
+
+
+@pytest.mark.slow
+@linux_only
+def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
+    from core.runtime.checkpoint import load_checkpoint
+
+    proc, ckpt, took = _interrupt_rank_1(tmp_path, signal.SIGSTOP, "--dist-timeout", "5")
+    line = _stop_line(proc)
+    assert "lost contact with another rank" in line and "Timed out" in line, line
+    assert "the checkpoint of epoch 1 is kept" in line
+    assert took < 5 + 90                                       # the timeout, rank 0's close, torchrun's grace
+    assert load_checkpoint(ckpt, app="classify")["epoch"] == 1
+
+
+def test_ranks_get_the_command_without_nproc_and_without_abbreviations():
+    from applications.classification.cli import _parser
+    from core.runtime.launch import rank_argv
+
+    argv = ["train", "--npr", "3", "--no", "--set", "optim.epochs=2", "--nproc=3", "--dist", "9", "--data-r=/d"]
+    args = _parser("deepzero classify").parse_args(argv)
+    assert args.nproc == 3 and args.dist_timeout == 9 and args.no_progress
+    # torchrun reads its own options out of the whole line: '--no' or '--nproc' would match several
+    assert rank_argv(args, argv[1:]) == ["--no-progress", "--set", "optim.epochs=2", "--dist-timeout", "9",
+                                         "--data-root=/d"]
