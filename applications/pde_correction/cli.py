@@ -42,7 +42,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     t.add_argument("--method", help="zo-sol's estimator: zo-cge | zo-rge | zo-mezo (sets optim.method)")
     e = sub.add_parser("evaluate", help=VERBS["evaluate"], description=VERBS["evaluate"])
     e.add_argument("models", nargs="+", metavar="MODEL", help="'src' (the solver alone) and/or checkpoints of "
-                                                               "'deepzero pde train'")
+                                                               "'deepzero pde train' (their solver and data "
+                                                               "settings are used)")
     add_config_args(e, presets)
     add_runtime_args(e)
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -63,8 +64,11 @@ def _overrides(args) -> list[str]:
     if solver:
         if solver == "wake" and args.preset is None and not getattr(args, "resume", None):
             args.preset = "wake"
-        out += [f"solver.source={solver}", f"solver.reference={solver}"]
-        if solver not in ("burgers", "wake"):
+        if solver.startswith(("exec:", "http://", "https://")):
+            out.append(f"solver.source={solver}")   # an external solver is the coarse black box; the reference
+        else:                                        # data still come from the preset's (fine) reference solver
+            out += [f"solver.source={solver}", f"solver.reference={solver}"]
+        if solver not in ("burgers", "wake") and not solver.startswith(("exec:", "http://", "https://")):
             out.append("solver.family=" + ("wake" if args.preset == "wake" else "burgers"))
     if getattr(args, "mode", None):
         out.append(f"train.mode={args.mode}")

@@ -122,6 +122,15 @@ class PDEConfig:
         if max(m) >= self.data.steps:
             raise UserError(f"config key 'train.unroll' asks for {max(m)} unrolled steps, but a simulation keeps "
                             f"only data.steps = {self.data.steps} frames")
+        if self.solver.family == "wake" and (self.data.train_sims > 6 or self.data.test_sims > 5):
+            raise UserError(f"the wake family has Um et al.'s 6 training and 5 test Reynolds numbers: data.train_sims "
+                            f"<= 6 and data.test_sims <= 5; got {self.data.train_sims} and {self.data.test_sims}")
+        if len(m) > self.optim.epochs:
+            raise UserError(f"config key 'train.unroll' lists {len(m)} unroll lengths for {self.optim.epochs} epochs: "
+                            "give at least one epoch per length")
+        if self.evaluate.every > self.data.steps - 1:
+            raise UserError(f"config key 'evaluate.every' ({self.evaluate.every}) must be below data.steps "
+                            f"({self.data.steps}): the reference has no frames beyond it")
         if self.evaluate.horizon > self.data.steps - 1:
             raise UserError(f"config key 'evaluate.horizon' ({self.evaluate.horizon}) must be below data.steps "
                             f"({self.data.steps}): the reference has no frames beyond it")

@@ -74,8 +74,15 @@ def family_for(cfg: PDEConfig, fine_shape: tuple[int, ...]) -> Family:
     """The config's family for a reference state of ``fine_shape`` (the source is ``factor`` coarser)."""
     s = cfg.solver
     if s.family == "wake":
-        nx, ny = s.source_options.get("resolution", (32, 64))
+        res = s.source_options.get("resolution", (32, 64))
+        if not isinstance(res, (list, tuple)) or len(res) != 2 or not all(isinstance(v, int) and v > 0 for v in res):
+            raise ValueError(f"solver.source_options.resolution must be two positive integers [nx, ny]; got {res!r}")
+        nx, ny = res
         source = ((nx + 1) * ny + nx * (ny + 1),)
+        fx, fy = nx * s.factor, ny * s.factor
+        if tuple(fine_shape) != ((fx + 1) * fy + fx * (fy + 1),):
+            raise ValueError(f"the reference state has shape {tuple(fine_shape)}, not that of a {fx}×{fy} staggered grid "
+                             f"(source {nx}×{ny} × solver.factor {s.factor}); check solver.reference_options.resolution")
     else:
         if len(fine_shape) != 1 or fine_shape[0] % s.factor:
             raise ValueError(f"solver.family=burgers needs a 1-D reference state divisible by solver.factor = "
@@ -120,6 +127,7 @@ def generate(cfg: PDEConfig, *, progress: bool = True) -> PDEData:
             return load(out)
     else:
         manifest = {"format": FORMAT, "key": key, "complete": False, "versions": _versions(), "timing": {}}
+        _write_manifest(mpath, manifest)         # before any work: a resumed generation is checked against it
     s, d = cfg.solver, cfg.data
     ref = open_solver(s.reference, s.reference_options, s.timeout)
     try:
@@ -174,7 +182,7 @@ def _simulate(ref, fam: Family, fine_cond: dict[str, np.ndarray], start: np.ndar
                initial=b0 * total + (t * (len(state) if state is not None else 0)))
     last_save = time.monotonic()
     while b0 < count:
-        b1 = min(count, b0 + d.batch)
+        b1 = min(count, b0 + (len(state) if state is not None else d.batch))   # a resumed batch keeps its size
         cond = {k: v[b0:b1] for k, v in fine_cond.items()}
         if state is None:
             state, t, frames = start[b0:b1], 0, []

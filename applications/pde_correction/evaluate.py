@@ -15,6 +15,7 @@ import numpy as np
 
 from applications.pde_correction.rollout import rollout_errors
 from applications.pde_correction.train import Problem, summarize_errors
+from core.runtime.experiment import TrainingDiverged
 
 
 def evaluate_models(problem: Problem, models: dict[str, Any], *, horizon: int, sims: int = 0,
@@ -28,11 +29,16 @@ def evaluate_models(problem: Problem, models: dict[str, Any], *, horizon: int, s
     for label, model in tqdm(models.items(), desc="evaluate", disable=not progress, leave=False):
         if model is not None:
             model.eval()
-        err, states = rollout_errors(model, problem.solver, problem.family, frames, cond, planes, horizon,
-                                     keep=frames_kept)
+        try:
+            err, states = rollout_errors(model, problem.solver, problem.family, frames, cond, planes, horizon,
+                                         keep=frames_kept)
+        except TrainingDiverged as exc:              # one unstable corrector must not cost the whole table
+            rows.append({"mode": label, "mae": float("inf"), "mae_sem": float("nan"), "mae_final": float("inf"),
+                         "sims": len(frames), "horizon": horizon, "note": f"diverged: {exc}"})
+            continue
         errors[label], kept[label] = err, states
         rows.append({"mode": label, **{k: round(v, 6) for k, v in summarize_errors(err).items()},
-                     "sims": len(frames), "horizon": horizon})
+                     "sims": len(frames), "horizon": horizon, "note": ""})
     return rows, errors, kept
 
 
@@ -158,9 +164,13 @@ def log_evaluation(tracker, problem: Problem, rows, errors, kept, *, horizon: in
     tracker.log_text(tsv(rows), "evaluation/mae.tsv")
     metrics = {}
     for r in rows:
+        if r.get("note"):
+            continue                                   # a diverged mode: no finite metrics to log
         key = r["mode"].replace("/", "_")
         metrics.update({f"mae_{key}": r["mae"], f"mae_sem_{key}": r["mae_sem"], f"mae_final_{key}": r["mae_final"]})
     tracker.log_metrics(metrics, step=0)
+    if not errors:
+        return
     tracker.log_artifact(plot_errors(errors, workdir / "mae_vs_step.png", title), "evaluation")
     if frames_kept and kept:
         steps = np.linspace(0, horizon, frames_kept).round().astype(int).tolist()

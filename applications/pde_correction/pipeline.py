@@ -153,10 +153,11 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
             raise UserError(f"{item} was trained on other data/solver settings than {checkpoints[0]}; evaluate "
                             "checkpoints of one dataset together")
         label = saved.train.mode + (f"-{saved.optim.method[3:]}" if saved.train.mode == "zo-sol" else "")
-        while label in models:
-            label += "'"
+        if label in models:
+            label += f"-{sum(1 for k in models if k == label or k.startswith(label + '-')) + 1}"
         with user_errors(f"{item}: "):
             models[label] = from_spec(state["model_spec"], state["model"]).double()
+    base.validate()
     horizon, kept_frames = _horizon(base)
     with user_errors():
         from applications.pde_correction.data import generate

@@ -29,7 +29,16 @@ class SolverFailed(RuntimeError):
 
 
 def solver_step(solver, state: torch.Tensor, cond: dict[str, np.ndarray]) -> torch.Tensor:
-    """One black-box step of a batch of states (no autograd: the solver sees NumPy arrays)."""
+    """One black-box step of a batch of states (no autograd: the solver sees NumPy arrays).
+
+    A non-finite state (a diverged corrector) raises :class:`TrainingDiverged` before the solver
+    sees it, so a corrector's blow-up is never reported as the solver's failure.
+    """
+    if not torch.isfinite(state).all():
+        from core.runtime.experiment import TrainingDiverged
+
+        raise TrainingDiverged("the corrected state became non-finite before a solver step (the corrector "
+                               "diverged: lower optim.lr, or zo.mu)")
     try:
         out = solver.step(state.detach().cpu().numpy(), **cond)
     except SolverError as exc:

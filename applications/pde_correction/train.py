@@ -89,15 +89,26 @@ class PDEExperiment(Experiment):
         self.family, self.solver = self.problem.family, self.problem.solver
         train = self.problem.data.train
         if resume is not None:
+            saved_epochs = resume["config"]["optim"]["epochs"]
+            if len(cfg.unroll) > 1 and saved_epochs != cfg.optim.epochs:
+                raise ValueError(f"--resume cannot change optim.epochs ({saved_epochs} -> {cfg.optim.epochs}) under the "
+                                 f"curriculum train.unroll={cfg.train.unroll}: its phases are fixed by the epochs")
             self.model = from_spec(resume["model_spec"]).double()
         else:
-            in_scale, field_scale = scales(train.frames, self.family, self.problem.train_planes)
-            out_scale = residual_scale(self.solver, self.family, train.frames, train.conditions, seed=cfg.run.seed)
+            in_scale, _ = scales(train.frames, self.family, self.problem.train_planes)
+            try:
+                out_scale = residual_scale(self.solver, self.family, train.frames, train.conditions,
+                                           seed=cfg.run.seed)
+            except SolverFailed as exc:
+                raise ValueError(f"the source solver failed during set-up: {exc}") from None
             self.model = build_corrector(cfg, self.family, in_scale, out_scale)
         self.model_spec = model_spec(self.model)
         self.optimizer, self.scheduler = make_optimizer(cfg.optim, self.model.parameters(), cfg.train.steps_per_epoch,
                                                         kind=cfg.train.optimizer)
-        self.pairs = self._pairs() if cfg.train.mode == "non" else None
+        try:
+            self.pairs = self._pairs() if cfg.train.mode == "non" else None
+        except SolverFailed as exc:
+            raise ValueError(f"the source solver failed during set-up: {exc}") from None
         if cfg.method != "fo":
             self.ratios = resume.get("ratios") if resume is not None else \
                 sparsity_ratios(cfg.zo, self.model, None, None, None, seed=cfg.run.seed)
@@ -112,16 +123,15 @@ class PDEExperiment(Experiment):
         f = self.problem.data.train.frames
         S, T1 = f.shape[:2]
         cond = {k: np.repeat(v, T1 - 1, axis=0) for k, v in self.problem.data.train.conditions.items()}
-        out = self._solver(lambda: solver_step(self.solver, torch.from_numpy(f[:, :-1].reshape(S * (T1 - 1), -1)),
-                                               cond))
+        out = solver_step(self.solver, torch.from_numpy(f[:, :-1].reshape(S * (T1 - 1), -1)), cond)
         self.fo_queries += S * (T1 - 1)
         return out.reshape(S, T1 - 1, *f.shape[2:])
 
-    def _solver(self, fn):
+    def _solver(self, fn, when: str | None = None):
         try:
             return fn()
         except SolverFailed as exc:
-            raise SolverFailed(f"solver failed at step {self.step + 1}: {exc}") from None
+            raise SolverFailed(f"solver failed {when or f'at step {self.step + 1}'}: {exc}") from None
 
     # -- the loop's parts ------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
@@ -167,7 +177,7 @@ class PDEExperiment(Experiment):
         frames, cond, planes = self.problem.test_subset(cfg.evaluate.sims)
         horizon = cfg.evaluate.every or cfg.evaluate.horizon
         errors, _ = self._solver(lambda: rollout_errors(self.model, self.solver, self.family, frames, cond, planes,
-                                                        horizon))
+                                                        horizon), f"in the evaluation after epoch {self.epoch + 1}")
         return summarize_errors(errors)
 
     # -- identity ----------------------------------------------------------------------------------------

@@ -128,6 +128,9 @@ def _runs(home):
     (["evaluate.horizon=60"], "must be below data.steps"),
     (["zo.sparsity=0.5", "zo.ratios=zo-grasp"], "zo.ratios=zo-grasp"),
     (["solver.family=heat"], "solver.family"),
+    (["evaluate.every=80"], "'evaluate.every' (80) must be below data.steps"),
+    (["train.unroll=1,2,4", "optim.epochs=2"], "3 unroll lengths for 2 epochs"),
+    (["solver.family=wake", "data.train_sims=8"], "data.train_sims <= 6"),
 ])
 def test_config_mistakes_name_the_key(overrides, needle):
     from applications.pde_correction.config import PRESET_DIR, PDEConfig

@@ -159,9 +159,13 @@ def test_generation_killed_midway_continues_to_the_same_data(tmp_path, monkeypat
     solvers.register("test:dying", lambda **o: _Dying(crash["at"], **o))
     with pytest.raises(ValueError, match="reference solver failed at step 9 of simulations 1-2"):
         pdata.generate(cfg, progress=False)
+    other_seed = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1))
+    with pytest.raises(ValueError, match="settings differ: seed"):   # the manifest guards the partial data
+        pdata.generate(other_seed, progress=False)
     crash["at"] = 30                                        # dies again later: in the second batch
     with pytest.raises(ValueError, match="failed at step"):
         pdata.generate(cfg, progress=False)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch=3))   # resumed with another batch size
     crash["at"] = None
     resumed = pdata.generate(cfg, progress=False)
     clean_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(tmp_path / "b")))
@@ -191,3 +195,29 @@ def test_curriculum_splits_epochs_over_the_unroll_lengths():
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, unroll="1,4,16"),
                               optim=dataclasses.replace(cfg.optim, epochs=6))
     assert [cfg.phase_unroll(e) for e in range(6)] == [1, 1, 4, 4, 16, 16]
+
+
+def test_a_diverging_corrector_is_reported_as_divergence_and_costs_only_its_own_row():
+    from applications.pde_correction.evaluate import evaluate_models
+    from core.runtime.experiment import TrainingDiverged
+
+    solver, fam = Burgers(16, nu=0.01, dt=0.05, umax=3.0), BurgersFamily(4, (16,))
+    net = _corrector(fam)
+    with torch.no_grad():
+        net.net[-1].bias.fill_(float("inf"))                 # a blown-up corrector
+    rng = np.random.default_rng(0)
+    frames, forcing = rng.standard_normal((2, 4, 16)) * 0.3, np.zeros((2, 16))
+    planes = fam.cond_planes({"forcing": torch.from_numpy(forcing)})
+    with pytest.raises(TrainingDiverged, match="corrector diverged"):
+        rollout_errors(net, solver, fam, frames, {"forcing": forcing}, planes, 3)
+
+    class Part:                                            # the parts of a Problem evaluate_models reads
+        def test_subset(self, sims):
+            return frames, {"forcing": forcing}, planes
+
+    part = Part()
+    part.family, part.solver = fam, solver
+    rows, errors, _ = evaluate_models(part, {"src": None, "bad": net}, horizon=3, progress=False)
+    assert rows[0]["mode"] == "src" and np.isfinite(rows[0]["mae"]) and rows[0]["note"] == ""
+    assert rows[1]["mode"] == "bad" and rows[1]["mae"] == float("inf") and "diverged" in rows[1]["note"]
+    assert set(errors) == {"src"}
