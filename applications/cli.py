@@ -17,6 +17,9 @@ APPS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pde": ("applications.pde_correction.cli",
             "solver-in-the-loop PDE correction through a black-box solver: SRC / NON / unrolled / ZO-SOL / FO-SOL",
             ("mae", "mae_final", "queries", "wall_time_s")),
+    "kd": ("applications.edge_kd.cli",
+           "edge knowledge distillation: device-designed student, KD by FO or ZO, early halting, ONNX check",
+           ("test_accuracy", "train_flops", "teacher_queries", "wall_time_s")),
     "solver": ("applications.solver_cli", "vet (check) or expose (serve) a black-box PDE solver", ()),
 }
 TOOLS: dict[str, str] = {
