@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from core import CGE, SparsityPlan, random_ratios
+from tests.core.devices import DEVICES
 from tests.core.toy_models import Odd, ResBlockNet, Untraceable, mlp, small_cnn
 
 
@@ -47,13 +48,14 @@ def test_central_cge_matches_autograd(name):
     assert (est - true).abs().max() <= 1e-3 * true.abs().max()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["cnn", "mlp", "res", "odd", "untraceable"])
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_fast_engine_equals_naive_loop(name, central, train_mode):
+def test_fast_engine_equals_naive_loop(name, central, train_mode, device):
     torch.manual_seed(0)
-    model = MODELS[name]().double().train(train_mode)
-    x, y = _inputs(name)
+    model = MODELS[name]().double().to(device).train(train_mode)
+    x, y = (t.to(device) for t in _inputs(name))
     fast = CGE(model, mu=5e-3, central=central)
     loss_fast = fast.backward(F.cross_entropy, x, y)
     g_fast = _grads(model).clone()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from core import CGE
 from core.engine import EngineUnsupported, FastCGE
 from tests.core import toy_models as M
+from tests.core.devices import DEVICES
 
 
 def _data(shape, *, classes=4, regression=False):
@@ -119,13 +120,14 @@ SUPPORTED = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("central", [False, True], ids=["forward", "central"])
 @pytest.mark.parametrize("case", list(SUPPORTED))
-def test_supported_model_fast_equals_naive(case, central):
+def test_supported_model_fast_equals_naive(case, central, device):
     build, shape, train = SUPPORTED[case]
     torch.manual_seed(0)
-    model = build().double().train(train)
-    x, y = _data(shape, classes=5 if len(shape) == 4 else 4)
+    model = build().double().to(device).train(train)
+    x, y = (t.to(device) for t in _data(shape, classes=5 if len(shape) == 4 else 4))
     ref, ref_loss, ref_state, ref_queries = _naive(model, F.cross_entropy, x, y, central=central)
     zo = CGE(model, central=central)
     with warnings.catch_warnings():

@@ -1,0 +1,99 @@
+"""Fused passes through ``Conv2d → BatchNorm2d → ReLU → MaxPool2d(2)``, the block of DeepZero's CNNs.
+
+Evaluated layer by layer, a perturbed block writes its conv output, reads it back twice for the
+BatchNorm statistics, once more for the strided 2×2 maximum, and the strided reads are slow on
+small maps. Here each block is one pass over rows held in *window-major* order
+(:mod:`core.engine.windows`):
+
+1. the conv output rows come straight out of one batched matmul, ``baddbmm`` adding the cached
+   output (a one-channel change, :func:`chan_through_block`), or from the convolution itself in
+   channels-last memory (every channel changed, :func:`full_through_block`);
+2. BatchNorm's per-row Σx and ‖x‖² read the rows once each;
+3. the 2×2 maximum is one ``amax`` over four contiguous quarters of each row;
+4. scale, shift and ReLU run on the pooled quarter only.
+
+Step 4 is exact, not an approximation: with a non-negative scale a (every γ ≥ 0, checked each
+step), x ↦ relu(a·x + b) is non-decreasing — also in floating point, where rounding is monotone —
+so it commutes with the maximum (``pool(relu(bn(x))) == relu(bn(pool(x)))`` bit for bit once the
+statistics come from the unpooled x).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.engine import windows as Wn
+from core.engine.layers import bn_scale_shift, maxpool2x2
+from core.engine.reps import Chan, Full
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def monotone(bn: _BatchNorm) -> bool:
+    """BN → ReLU commutes with max-pooling: every scale γ/σ is ≥ 0."""
+    return not bn.affine or bool((bn.weight >= 0).all())
+
+
+def bn_relu_pool_rows(bn: _BatchNorm | None, rows: torch.Tensor, ch: torch.Tensor | None,
+                      pooled: int) -> torch.Tensor:
+    """relu(bn(·)) of the 2×2 maxima of window-major ``rows`` [..., N] -> [..., pooled].
+
+    ``ch``: the channel of each row of [R, N] rows, or None for [K, C, N] rows holding every
+    channel. ``bn`` None: the rows are already normalised (a BatchNorm coordinate's own output).
+    """
+    top = Wn.pool_windows(rows, pooled)
+    if bn is None:
+        return top.relu_()
+    a, b = bn_scale_shift(bn, rows, ch)
+    return torch.addcmul(b.unsqueeze(-1), top, a.unsqueeze(-1)).relu_()
+
+
+def chan_from_rows(bn: _BatchNorm | None, ch: torch.Tensor, rows: torch.Tensor,
+                   pooled_shape: tuple[int, int, int]) -> Chan:
+    """A coordinate source at a block's conv (or BatchNorm) as the Chan it makes at the pool.
+
+    ``rows`` [K, N]: the new values of channel ``ch[k]`` in window-major order.
+    """
+    B, Hp, Wp = pooled_shape
+    out = bn_relu_pool_rows(bn, rows, ch, B * Hp * Wp)
+    return Chan(ch, out.view(-1, B, Hp, Wp))
+
+
+def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_by_input: torch.Tensor,
+                       y_windows: torch.Tensor, index: torch.Tensor, out_shape: tuple[int, int, int]) -> Full:
+    """A block whose conv input changed in one channel per perturbation: ``ch[k]`` by ``delta[k]``.
+
+    Args:
+        delta: [K, B, H, W], the change of the conv's input channel ``ch[k]``.
+        w_by_input: the conv weight as [Cin, Cout, kh·kw].
+        y_windows: the cached conv output, [Cout, B·H'·W'] in window-major order.
+        index: :func:`core.engine.windows.conv_gather_index` (window-major).
+        out_shape: (B, H', W') of the conv output.
+
+    Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
+    multiply-adds (the floor of a one-channel change) plus three reads of the Cout rows.
+    """
+    K = delta.shape[0]
+    taps = w_by_input.shape[2]
+    U = Wn.im2col_one_channel(delta, index, taps)                                # [K, taps, N]
+    rows = torch.baddbmm(y_windows.unsqueeze(0), w_by_input.index_select(0, ch), U)   # [K, Cout, N]
+    B, Ho, Wo = out_shape
+    out = bn_relu_pool_rows(bn, rows, None, B * (Ho // 2) * (Wo // 2))
+    return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
+
+
+def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor) -> Full:
+    """A block whose conv input changed everywhere: ``t`` [K, C, B, H, W] -> pool output (Full).
+
+    The convolution runs on channels-last memory (oneDNN's fastest layout here); the statistics
+    and the strided maximum read that layout directly, so only the pooled quarter is transposed back.
+    """
+    K, C, B = t.shape[:3]
+    x = t.permute(0, 2, 3, 4, 1).reshape(K * B, *t.shape[3:], C).permute(0, 3, 1, 2)   # NCHW view
+    y = conv(x).permute(0, 2, 3, 1)                                                     # [K·B, H', W', Cout]
+    Ho, Wo, Cout = y.shape[1:]
+    y = y.reshape(K, B, Ho, Wo, Cout)
+    a, b = bn_scale_shift(bn, y.reshape(K, -1, Cout), None, dim=1)                     # [K, Cout]
+    top = maxpool2x2(y.movedim(4, 2)).flatten(3).transpose(2, 3)                        # [K, B, h·w, Cout]
+    out = torch.addcmul(b.reshape(-1, 1, 1, Cout), top, a.reshape(-1, 1, 1, Cout)).relu_()   # a, b: [K or 1, Cout]
+    return Full(out.permute(0, 3, 1, 2).reshape(K, Cout, B, Ho // 2, Wo // 2))

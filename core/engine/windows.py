@@ -1,0 +1,79 @@
+"""Index maps that make 2×2 max-pooling and one-channel im2col contiguous (shapes only, no values).
+
+**Window-major order** of the B·H·W positions of a [B, H, W] map: the four corners of every
+2×2 pooling window first — all top-left corners (b, 2i, 2j) in (b, i, j) order, then all
+top-right (b, 2i, 2j+1), bottom-left, bottom-right — then the positions no window covers (the last
+row or column of an odd side). A row in this order pools with one ``amax`` over four contiguous
+quarters, and the result is already in natural [B, H/2, W/2] order; sums over the whole row (the
+BatchNorm statistics) do not care about the order.
+
+**Gather index of a convolution**: for every output position (in natural or window-major order)
+and every kernel tap, the input position it reads, or one past the last position where the
+padding's zeros are. A one-input-channel change ``delta`` [K, B·H·W] with a zero column appended
+becomes its im2col [K, taps, positions] in one ``index_select``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+@functools.lru_cache(maxsize=64)
+def window_order(B: int, H: int, W: int, device: torch.device) -> torch.Tensor:
+    """Window-major order of [B, H, W] positions: ``flat[order]`` (natural flat indices, length B·H·W)."""
+    idx = torch.arange(B * H * W, device=device).reshape(B, H, W)
+    Hp, Wp = H // 2, W // 2
+    corners = [idx[:, di:2 * Hp:2, dj:2 * Wp:2].reshape(-1) for di in (0, 1) for dj in (0, 1)]
+    rest = torch.ones(H, W, dtype=torch.bool, device=device)
+    rest[:2 * Hp, :2 * Wp] = False
+    return torch.cat([*corners, idx[:, rest].reshape(-1)])
+
+
+def pool_windows(rows: torch.Tensor, pooled: int) -> torch.Tensor:
+    """2×2 max-pool of window-major ``rows`` [..., N]: [..., pooled] (``pooled`` = B·(H//2)·(W//2))."""
+    return rows[..., :4 * pooled].unflatten(-1, (4, pooled)).amax(-2)
+
+
+def conv_out_size(m: nn.Conv2d, H: int, W: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw) = m.kernel_size, m.stride
+    (ph, pw), (dh, dw) = m.padding, m.dilation
+    return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def conv_gather_index(m: nn.Conv2d, B: int, H: int, W: int, windowed: bool,
+                      device: torch.device) -> torch.Tensor:
+    """[kh·kw · B·Ho·Wo] input positions read by each (tap, output position); B·H·W = a padding zero.
+
+    Output positions in natural order, or window-major (``windowed``) to pool the result directly.
+    """
+    return _gather_index(m.kernel_size, m.stride, m.padding, m.dilation, B, H, W, windowed, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_index(kernel, stride, padding, dilation, B, H, W, windowed, device) -> torch.Tensor:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    b = torch.arange(B, device=device).view(B, 1, 1) * (H * W)
+    oi = torch.arange(Ho, device=device).view(1, Ho, 1) * sh - ph
+    oj = torch.arange(Wo, device=device).view(1, 1, Wo) * sw - pw
+    taps = []
+    for ti in range(kh):
+        for tj in range(kw):
+            i, j = oi + ti * dh, oj + tj * dw
+            inside = (i >= 0) & (i < H) & (j >= 0) & (j < W)
+            src = torch.where(inside, b + i.clamp(0, H - 1) * W + j.clamp(0, W - 1), B * H * W)
+            taps.append(src.reshape(-1))                                     # [B·Ho·Wo]
+    index = torch.stack(taps)                                                # [taps, B·Ho·Wo]
+    if windowed:
+        index = index[:, window_order(B, Ho, Wo, device)]
+    return index.reshape(-1).to(torch.int32 if B * H * W < 2 ** 31 else torch.int64)   # int32: a faster gather
+
+
+def im2col_one_channel(delta: torch.Tensor, index: torch.Tensor, taps: int) -> torch.Tensor:
+    """im2col [K, taps, positions] of one input channel per perturbation (``delta`` [K, B·H·W])."""
+    K = delta.shape[0]
+    padded = torch.cat([delta.reshape(K, -1), delta.new_zeros(K, 1)], 1)    # [K, B·H·W + 1]
+    return padded.index_select(1, index).view(K, taps, -1)
