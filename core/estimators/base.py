@@ -266,6 +266,7 @@ class ZOEstimator:
         self.sign = sign
         self.objective_batch = objective_batch
         self.queries = 0
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = model   # how a supervised loss runs the model
 
     # -- the template ------------------------------------------------------------------------------
     def backward(self, loss_fn: LossFn, x: torch.Tensor | None = None, y: Any = None) -> torch.Tensor:
@@ -323,7 +324,7 @@ class ZOEstimator:
         if call.kind == "batched":
             return self._evaluate_sets(call, {n: p.detach().unsqueeze(0) for n, p in self.named_params})[0]
         with torch.no_grad():
-            loss = call.fn(self.model(call.x), call.y) if call.kind == "supervised" else call.fn(self.model)
+            loss = call.fn(self.forward(call.x), call.y) if call.kind == "supervised" else call.fn(self.model)
         self.queries += call.per_eval
         loss = torch.as_tensor(loss)
         if loss.numel() != 1:

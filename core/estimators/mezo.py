@@ -35,6 +35,7 @@ fewer, larger calls; use a general objective where memory is what matters.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch import nn
 
 from core.estimators.base import (LossFn, ObjectiveCall, Snapshot, ZOEstimator, bind_objective,
                                   frozen_buffers, has_running_stats, restore_on_error)
+from core.models.lean import lean_forward
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,6 +74,9 @@ class MeZO(ZOEstimator):
         q: directions per step.
         seed: base seed of the directions (default: drawn from torch's global RNG).
         sparsity, params, sign, objective_batch: as in :class:`core.estimators.base.ZOEstimator`.
+        lean: run supervised losses through :func:`core.models.lean.lean_forward` (BatchNorm and
+            ReLU in place): the step's peak memory drops toward one feature map per block; the
+            losses equal ``model(x)``'s up to float rounding.
 
     Example::
 
@@ -82,8 +87,10 @@ class MeZO(ZOEstimator):
 
     def __init__(self, model: nn.Module, mu: float = 1e-3, *, q: int = 1, sparsity: Any = None,
                  params: Iterable[nn.Parameter] | None = None, sign: bool = False, seed: int | None = None,
-                 objective_batch: int = 32) -> None:
+                 objective_batch: int = 32, lean: bool = False) -> None:
         super().__init__(model, params=params, sparsity=sparsity, sign=sign, objective_batch=objective_batch)
+        if lean:
+            self.forward = functools.partial(lean_forward, model)
         if not mu > 0 or q < 1:
             raise ValueError(f"need mu > 0 and q >= 1; got mu={mu}, q={q}")
         self.mu, self.q = float(mu), int(q)

@@ -101,7 +101,9 @@ def make_estimator(zo: ZOConfig, method: str, model, *, plan=None, seed: int = 0
     """The ZO estimator ``method`` names (None for ``fo``), configured from the ``zo`` block.
 
     RGE's default q is the number of owned parameters (the same queries per step as dense CGE);
-    MeZO's is 1. Each estimator's own generator is seeded from ``seed`` so runs are reproducible.
+    MeZO's is 1, and it runs the model at inference memory (``lean=True``: BatchNorm and ReLU in
+    place, convolutions on batch slices). Each estimator's own generator is seeded from ``seed`` so
+    runs are reproducible.
     """
     from core import CGE, RGE, MeZO
 
@@ -114,7 +116,7 @@ def make_estimator(zo: ZOConfig, method: str, model, *, plan=None, seed: int = 0
                    objective_batch=zo.objective_batch)
     if method == "zo-mezo":
         return MeZO(model, mu=zo.mu, q=zo.q or 1, sparsity=plan, seed=seed + 2, params=params,
-                    objective_batch=zo.objective_batch)
+                    objective_batch=zo.objective_batch, lean=True)
     return None
 
 
