@@ -14,6 +14,33 @@ def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def deepzero_in_process(*args: str, home: Path) -> subprocess.CompletedProcess:
+    """``deepzero ARGS`` run by ``applications.cli.main`` in this process (for argument-error sweeps).
+
+    Saves the ~3 s interpreter and import start-up of a subprocess per call; the result has the
+    fields of a finished subprocess (exit status from the return value or ``SystemExit``).
+    """
+    import contextlib
+    import io
+
+    from applications.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")}
+    os.environ["DEEPZERO_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return subprocess.CompletedProcess(["deepzero", *args], int(code or 0), out.getvalue(), err.getvalue())
+
+
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     """Assert exit status 2 with exactly one line on stderr and no traceback; return that line."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

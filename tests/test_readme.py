@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import deepzero
+from tests.helpers import deepzero, deepzero_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "README.md").read_text()
@@ -69,6 +69,6 @@ def test_cheap_shell_lines(tmp_path, line):
 def test_help_of_every_readme_command(tmp_path):
     cmds = sorted({tuple(l.split()[1:3]) for l in re.findall(r"^\.venv/bin/(deepzero [a-z]+ [a-z]+)", TEXT, re.M)})
     assert ("classify", "train") in cmds
-    for cmd in cmds:
-        proc = deepzero(*cmd, "--help", home=tmp_path, timeout=120)
+    for cmd in cmds:                                # in this process: a subprocess each cost ~3 s
+        proc = deepzero_in_process(*cmd, "--help", home=tmp_path)
         assert proc.returncode == 0 and "usage:" in proc.stdout, (cmd, proc.stderr)

@@ -1,24 +1,26 @@
 """Every verb of every command, driven with malformed arguments: one line, exit 2, no traceback, no run.
 
 The verbs are discovered from the commands' own ``--help``, so a verb added later is covered too.
+The sweep runs the CLI's ``main`` in this process (a subprocess per case cost ~3 s of start-up
+each); the final "no runs" check and the solver cases run the real command in a subprocess.
 """
 import re
 
 import pytest
 
 from applications.cli import APPS, TOOLS
-from tests.helpers import deepzero, one_line_error
+from tests.helpers import deepzero, deepzero_in_process, one_line_error
 
 
 def _verbs(home, app):
-    proc = deepzero(app, "--help", home=home, timeout=60)
+    proc = deepzero_in_process(app, "--help", home=home)
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"\{([a-z_,-]+)\}", proc.stdout)
     return m.group(1).split(",") if m else []
 
 
 def _options(home, *cmd):
-    proc = deepzero(*cmd, "--help", home=home, timeout=60)
+    proc = deepzero_in_process(*cmd, "--help", home=home)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -54,7 +56,7 @@ def test_every_verb_rejects_malformed_arguments_in_one_line(tmp_path):
     cases.append((("ui", "--port", "0"), "--port must be in 1..65535"))
     assert len(cases) > 15
     for args, expected in cases:
-        line = one_line_error(deepzero(*args, home=tmp_path, timeout=120))
+        line = one_line_error(deepzero_in_process(*args, home=tmp_path))
         assert expected in line, (args, line)
     # nothing half-made is left behind: no MLflow run was opened by any of them
     proc = deepzero("runs", home=tmp_path, timeout=60)
