@@ -46,6 +46,7 @@ class DefenseExperiment(Experiment):
 
     app = "defense"
     plot_metric = "noisy_accuracy"
+    lazy_cge_methods = ("zo-ds",)     # its CGE is built when the Stab phase starts
 
     @property
     def stop_errors(self):            # a budget running out, or the classifier failing mid-run

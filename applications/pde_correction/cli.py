@@ -51,8 +51,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add_config_args(r, presets)
     add_runtime_args(r)
     _solver_arg(r)
-    r.add_argument("--modes", default="src,non,unrolled-net,zo-sol-cge,zo-sol-rge,fo-sol",
-                   help="modes to compare (default src,non,unrolled-net,zo-sol-cge,zo-sol-rge,fo-sol; also "
+    r.add_argument("--modes", default=None,
+                   help="modes to compare (default src,non,unrolled-net,zo-sol-cge,zo-sol-rge,fo-sol, without "
+                        "fo-sol where the solver has no differentiable twin; also "
                         "zo-sol-mezo)")
     r.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -64,7 +65,9 @@ def _overrides(args) -> list[str]:
     if solver:
         if solver == "wake" and args.preset is None and not getattr(args, "resume", None):
             args.preset = "wake"
-        if solver.startswith(("exec:", "http://", "https://")):
+        if solver.startswith(("exec:", "http://", "https://")) and getattr(args, "verb", None) == "generate":
+            out.append(f"solver.reference={solver}")    # generate: the external solver makes the reference data
+        elif solver.startswith(("exec:", "http://", "https://")):
             out.append(f"solver.source={solver}")   # an external solver is the coarse black box; the reference
         else:                                        # data still come from the preset's (fine) reference solver
             out += [f"solver.source={solver}", f"solver.reference={solver}"]

@@ -61,13 +61,20 @@ def _horizon(cfg: PDEConfig) -> tuple[int, int]:
     return cfg.evaluate.horizon, frames
 
 
-def run_pipeline(cfg: PDEConfig, *, cells: str, progress: bool = True) -> int:
+DEFAULT_CELLS = "src,non,unrolled-net,zo-sol-cge,zo-sol-rge,fo-sol"
+
+
+def run_pipeline(cfg: PDEConfig, *, cells: str | None = None, progress: bool = True) -> int:
     from applications.pde_correction.data import generate
     from applications.pde_correction.evaluate import evaluate_models, log_evaluation
     from applications.pde_correction.train import PDEExperiment, Problem
     from core.runtime.config import flatten
     from core.runtime.experiment import run_experiment, run_sweep, tsv, user_errors
 
+    if cells is None:
+        cells = DEFAULT_CELLS if cfg.solver.source == "burgers" else DEFAULT_CELLS.replace(",fo-sol", "")
+        if cfg.solver.source != "burgers":
+            print(f"fo-sol left out: '{cfg.solver.source}' has no differentiable twin here", flush=True)
     labels = parse_cells(cells)
     if "fo-sol" in labels and cfg.solver.source != "burgers":
         raise UserError(f"fo-sol needs a differentiable twin of the solver, which exists for 'burgers' only; drop "
@@ -108,7 +115,7 @@ def run_pipeline(cfg: PDEConfig, *, cells: str, progress: bool = True) -> int:
                                                   frames_kept=kept_frames, progress=progress)
         by_label = {r["cell"]: r for r in rows}
         for r in table:
-            r.update({k: by_label[r["mode"]][k] for k in ("train_wall_s", "train_queries")})
+            r.update({k: by_label[r["mode"]].get(k, "") for k in ("train_wall_s", "train_queries", "stopped")})
         log_evaluation(parent, problem, table, errors, kept, horizon=horizon, frames_kept=kept_frames,
                        title=f"{cfg.solver.family}: MAE over {horizon}-step rollouts of held-out conditions",
                        workdir=Path(data.path) / "plots" / parent.run_id)
@@ -123,6 +130,11 @@ def run_pipeline(cfg: PDEConfig, *, cells: str, progress: bool = True) -> int:
     finally:
         problem.close()
     print(f"total {time.perf_counter() - t0:.0f} s; browse: deepzero ui   (parent run {parent_id})")
+    stopped = [r["mode"] for r in summary if r.get("stopped")]
+    if stopped:
+        print(f"stopped early (their rows use the weights they had when they stopped): {', '.join(stopped)}",
+              file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -43,7 +43,15 @@ def solver_step(solver, state: torch.Tensor, cond: dict[str, np.ndarray]) -> tor
         out = solver.step(state.detach().cpu().numpy(), **cond)
     except SolverError as exc:
         raise SolverFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    return torch.from_numpy(np.asarray(out)).to(state.dtype)
+    except Exception as exc:                     # a user's in-process solver class: any error is its failure
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise SolverFailed(f"{type(exc).__name__}{': ' + first if first else ''}") from None
+    out = np.asarray(out)
+    if out.shape != tuple(state.shape):          # checked here too: an in-process class may not check itself
+        raise SolverFailed(f"the solver returned shape {out.shape}; expected {tuple(state.shape)}")
+    if not np.isfinite(out).all():
+        raise SolverFailed(f"the solver returned {int((~np.isfinite(out)).sum())} NaN/Inf values")
+    return torch.from_numpy(out).to(state.dtype)
 
 
 def _repeat(cond: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:

@@ -92,6 +92,21 @@ class Experiment:
         self.history: list[dict[str, float]] = []
         self._lost: dict[str, int] = {}            # black-box queries spent past the last checkpoint
 
+    # An estimator assigned at any time (a lazily built one, one rebuilt mid-run) passes through
+    # ``on_estimator`` when set: a multi-process run gives every CGE its shard there.
+    lazy_cge_methods: tuple[str, ...] = ()        # optim.method values whose CGE is built after the start
+    on_estimator: Any = None
+
+    @property
+    def estimator(self) -> Any:
+        return self.__dict__.get("_estimator")
+
+    @estimator.setter
+    def estimator(self, est: Any) -> None:
+        self.__dict__["_estimator"] = est
+        if est is not None and self.on_estimator is not None:
+            self.on_estimator(est)
+
     # -- what an app supplies --------------------------------------------------------------------
     @property
     def total_epochs(self) -> int:

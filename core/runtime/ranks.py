@@ -20,16 +20,17 @@ from typing import Any
 from core.runtime.errors import UserError
 from core.runtime.launch import refuse_unsharded
 
-SYNC_TIMEOUT = 3600.0       # seconds the ranks wait at an epoch's start for rank 0's logging and checkpoint
+SYNC_ALLOWANCE = 600.0      # seconds beyond --dist-timeout the ranks wait at an epoch's start (rank 0 logs,
+                            # evaluates and checkpoints meanwhile: opening an MLflow store can take a while)
 
 
 @dataclass
 class Session:
     """This process's place in a multi-process run (rank 0 leads: MLflow, output, checkpoints).
 
-    ``slow`` is a gloo group with a long timeout (:data:`SYNC_TIMEOUT`) for :meth:`sync`: rank 0
-    alone opens the MLflow run and writes checkpoints, which may take longer than a step's
-    collectives are allowed to wait.
+    ``slow`` is a gloo group with a longer timeout (``--dist-timeout`` + :data:`SYNC_ALLOWANCE`)
+    for :meth:`sync`: rank 0 alone opens the MLflow run and writes checkpoints, which may take
+    longer than a step's collectives are allowed to wait.
     """
     rank: int
     world: int
@@ -40,15 +41,25 @@ class Session:
         return self.rank == 0
 
     def attach(self, exp: Any) -> None:
-        """Give the experiment's CGE a :class:`core.distributed.Shard`; refuse other estimators."""
+        """Give the experiment's CGE — now, and any it builds later — a :class:`core.distributed.Shard`;
+        refuse other estimators."""
         from core import CGE
         from core.distributed import Shard
 
-        if not isinstance(exp.estimator, CGE):
-            refuse_unsharded(exp.cfg, self.world)
-            raise UserError(f"{self.world} processes split CGE's coordinates; this run's estimator is "
-                            f"{type(exp.estimator).__name__}: use CGE, or one process")
-        exp.estimator.shard = Shard()
+        method = getattr(getattr(exp.cfg, "optim", None), "method", None)
+
+        def shard(est: Any) -> None:
+            if not isinstance(est, CGE):
+                refuse_unsharded(exp.cfg, self.world)
+                raise UserError(f"{self.world} processes split CGE's coordinates; this run's estimator is "
+                                f"{type(est).__name__}: use CGE, or one process")
+            est.shard = Shard()
+
+        if exp.estimator is None and method not in exp.lazy_cge_methods:
+            shard(exp.estimator)                       # refused: nothing to split
+        exp.on_estimator = shard
+        if exp.estimator is not None:
+            shard(exp.estimator)
 
     def sync(self) -> None:
         """Wait until every rank gets here (start of an epoch)."""
@@ -85,7 +96,8 @@ def start_session(args: argparse.Namespace, device: Any) -> Session | None:
     nproc = getattr(args, "nproc", 1)
     if nproc > 1 and nproc != world:
         raise UserError(f"--nproc {nproc}, but torchrun started {world} ranks: leave --nproc out under torchrun")
-    D.init_from_env(device=device, timeout=getattr(args, "dist_timeout", 300.0))
+    timeout = float(getattr(args, "dist_timeout", 300.0))
+    D.init_from_env(device=device, timeout=timeout)
     atexit.register(D.shutdown)
 
     def on_sigterm(signum, frame):                  # torchrun ends the other ranks when one fails
@@ -95,5 +107,5 @@ def start_session(args: argparse.Namespace, device: Any) -> Session | None:
             raise D.RankLost("stopped by SIGTERM (torchrun ends every rank when one fails)")
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SYNC_TIMEOUT))
+    slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout + SYNC_ALLOWANCE))
     return Session(D.rank(), D.world_size(), slow)

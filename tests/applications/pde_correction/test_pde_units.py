@@ -221,3 +221,45 @@ def test_a_diverging_corrector_is_reported_as_divergence_and_costs_only_its_own_
     assert rows[0]["mode"] == "src" and np.isfinite(rows[0]["mae"]) and rows[0]["note"] == ""
     assert rows[1]["mode"] == "bad" and rows[1]["mae"] == float("inf") and "diverged" in rows[1]["note"]
     assert set(errors) == {"src"}
+
+
+class _Dying:
+    """A user's in-process solver class (not built on solvers' base): fails on call ``at`` as told."""
+
+    def __init__(self, how, at):
+        self.inner, self.how, self.at, self.calls = Burgers(16, nu=0.01, dt=0.05, umax=3.0), how, at, 0
+
+    def step(self, state, **cond):
+        self.calls += 1
+        out = self.inner.step(state, **cond)
+        if self.calls >= self.at:
+            if self.how == "raise":
+                raise ValueError("mesh exploded\nsecond line")
+            if self.how == "nan":
+                out = out.copy()
+                out[0, 3] = np.nan
+            if self.how == "shape":
+                out = out[:, :8]
+        return out
+
+
+@pytest.mark.parametrize("how,expected", [("raise", "ValueError: mesh exploded"), ("nan", "1 NaN/Inf values"),
+                                          ("shape", "returned shape")])
+def test_an_in_process_solver_failing_mid_zo_step_is_one_line_and_leaves_the_weights(how, expected):
+    """Any exception, NaN or wrong shape from a user's class: SolverFailed (one line), not divergence,
+    and the ZO step that was under way leaves every parameter bit-identical."""
+    from applications.pde_correction.rollout import SolverFailed
+    from core import CGE
+
+    fam = BurgersFamily(4, (16,))
+    net = _corrector(fam)
+    w = _window(Burgers(16, nu=0.01, dt=0.05, umax=3.0), fam)
+    solver = _Dying(how, at=2)                               # the second time step of the first unroll fails
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    zo = CGE(net, mu=1e-3, objective_batch=8)
+    with pytest.raises(SolverFailed) as info:
+        zo.backward(zo_objective(solver, fam, w))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in net.parameters())
