@@ -139,6 +139,9 @@ class KDAppConfig:
                            "halting.rho": self.halting.rho}.items():
             if value < 0:
                 raise UserError(f"config key '{key}' must be >= 0; got {value}")
+        if self.halting.rho > 1:
+            raise UserError(f"config key 'halting.rho' must be in [0, 1] (a fraction of the teacher's accuracy; 0 = "
+                            f"off); got {self.halting.rho}")
         if (self.student.depth == 0) != (self.student.width == 0):
             raise UserError("config keys 'student.depth' and 'student.width' go together: both 0 (design the "
                             f"student for the device) or both >= 1; got {self.student.depth}, {self.student.width}")

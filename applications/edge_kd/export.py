@@ -87,6 +87,8 @@ def deployment_check(model: nn.Module, input_shape: tuple[int, ...], x_check: to
     sess = session(path)
     diff = max_difference(model, sess, x_check)
     if not diff <= TOLERANCE:
+        del sess
+        Path(path).unlink(missing_ok=True)         # a refused export leaves no .onnx to deploy by mistake
         raise ExportMismatch(f"onnxruntime's logits differ from PyTorch's by {diff:.3g} > {TOLERANCE:g}")
     times = latencies(model, sess, input_shape, repeats=repeats)
     host = host_flops_per_s or effective_flops()[0]

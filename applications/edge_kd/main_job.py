@@ -54,7 +54,7 @@ def run_pipeline(cfg: KDAppConfig, *, progress: bool) -> int:
     from applications.edge_kd.plots import curves, memory_bars
     from applications.edge_kd.profiles import load_profile
     from applications.edge_kd.teacher import train_teacher
-    from applications.edge_kd.train import KDExperiment, design_for, load_data, teacher_for
+    from applications.edge_kd.train import KDExperiment, design_for, evaluation_logits, load_data, teacher_for
     from core.runtime.config import flatten
     from core.runtime.experiment import run_experiment, run_sweep
     from core.runtime.tracking import project_root
@@ -73,6 +73,10 @@ def run_pipeline(cfg: KDAppConfig, *, progress: bool) -> int:
         cfg.teacher.source = str(train_teacher(cfg, n_train=len(data.train), progress=progress))
     teacher = teacher_for(cfg, data)
     spec, design, student = design_for(cfg, data, teacher.spec, val)
+    # the teacher's validation and test answers, asked once for every cell and before any MLflow run
+    # opens: a teacher that cannot answer ends the job in one line with nothing half-made
+    eval_logits = evaluation_logits(teacher.box(name="teacher-eval", max_batch=cfg.teacher.max_batch or None),
+                                    val, data)
     kw = spec["kwargs"]
     print(f"student for {profile.name}: cnn depth {kw['depth']} width {kw['width']} ({student.params} parameters, "
           f"{student.flops / 1e6:.3g} MFLOPs per image); teacher {teacher.description}", flush=True)
@@ -90,7 +94,7 @@ def run_pipeline(cfg: KDAppConfig, *, progress: bool) -> int:
     exported: dict[str, Any] = {}
 
     def run_cell(name: str, cell: KDAppConfig, tracker) -> dict[str, Any]:
-        exp = KDExperiment(cell, data=(data, val), teacher=teacher, spec=spec)
+        exp = KDExperiment(cell, data=(data, val), teacher=teacher, spec=spec, eval_logits=eval_logits)
         exp.student, exp.plot_metric = student, None          # the parent plots every cell's curve together
         out = run_experiment(exp, tracker, progress=progress, save_checkpoints=False)
         if not out.history:

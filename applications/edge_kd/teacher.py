@@ -110,9 +110,13 @@ def _checkpoint(path: Path, data_name: str, input_shape: tuple[int, ...], num_cl
         model = from_spec(state["model_spec"], state["model"]).eval()
     except ValueError as exc:
         raise UserError(f"teacher checkpoint {path}: {_line(exc)}") from None
-    flops = forward_flops(model, input_shape)
-    with torch.no_grad():
-        k = int(model(torch.zeros(1, *input_shape)).shape[1])
+    try:
+        flops = forward_flops(model, input_shape)
+        with torch.no_grad():
+            k = int(model(torch.zeros(1, *input_shape)).shape[1])
+    except Exception as exc:   # e.g. a model for other image sizes or channels
+        raise UserError(f"teacher checkpoint {path} fails on {list(input_shape)} images: {type(exc).__name__}: "
+                        f"{_line(exc)}") from None
     if k != num_classes:
         raise UserError(f"teacher checkpoint {path} has {k} classes; the data have {num_classes}")
     run = state.get("mlflow_run_id") or "?"
@@ -140,7 +144,11 @@ def _imported(source: str, input_shape: tuple[int, ...], num_classes: int) -> Te
         from applications.edge_kd.counters import forward_flops
 
         obj.eval()
-        flops = forward_flops(obj, input_shape) if any(True for _ in obj.parameters()) else None
+        try:
+            flops = forward_flops(obj, input_shape) if any(True for _ in obj.parameters()) else None
+        except Exception as exc:   # the user's model does not take the data's images
+            raise UserError(f"teacher {source} fails on {list(input_shape)} images: {type(exc).__name__}: "
+                            f"{_line(exc)}") from None
     return Teacher(_no_grad(obj), num_classes, None, flops, f"query-only {source}")
 
 

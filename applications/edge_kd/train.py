@@ -111,6 +111,14 @@ def kd_objective(cfg: KDAppConfig, record=None):
     return loss
 
 
+def evaluation_logits(box, val: DataSplit, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's answers on the validation and test images (to score students against), or one line."""
+    try:
+        return box(val.x), box(data.test.x)
+    except (TeacherError, BudgetExceeded) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
 class KDExperiment(Experiment):
     """One KD run: data, teacher (a BlackBox), the designed student, its learner and a halting policy."""
 
@@ -119,7 +127,8 @@ class KDExperiment(Experiment):
     plot_metric = "test_accuracy"
 
     def __init__(self, cfg: KDAppConfig, *, resume: dict[str, Any] | None = None, data=None,
-                 teacher: Teacher | None = None, spec: dict[str, Any] | None = None) -> None:
+                 teacher: Teacher | None = None, spec: dict[str, Any] | None = None,
+                 eval_logits: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         from core.models import from_spec, model_spec
 
         super().__init__(cfg, resume=resume)
@@ -142,11 +151,10 @@ class KDExperiment(Experiment):
         saved = (resume or {}).get("app_state") or {}
         if saved:
             self.val_logits, self.test_logits = saved["val_logits"], saved["test_logits"]
+        elif eval_logits is not None:                     # asked once for several runs (kd run)
+            self.val_logits, self.test_logits = eval_logits
         else:
-            try:                                          # once per run: the teacher's answers to score against
-                self.val_logits, self.test_logits = self.eval_box(self.val.x), self.eval_box(self.data.test.x)
-            except (TeacherError, BudgetExceeded) as exc:
-                raise UserError(str(exc).splitlines()[0]) from None
+            self.val_logits, self.test_logits = evaluation_logits(self.eval_box, self.val, self.data)
         self.teacher_val_accuracy = float((self.val_logits.argmax(1) == self.val.y).float().mean())
         self.teacher_test_accuracy = float((self.test_logits.argmax(1) == self.data.test.y).float().mean())
         n = len(self.data.train)

@@ -107,7 +107,11 @@ def _evaluate(args) -> int:
     from applications.pde_correction.pipeline import evaluate_command
 
     cfg = _resolved(args)
-    return 0 if cfg is None else evaluate_command(cfg, args.models, progress=not args.no_progress)
+    # without --preset/--config/--set evaluate.*, a checkpoint's own evaluate settings apply
+    told = args.preset is not None or getattr(args, "config", None) or any(
+        o.startswith("evaluate.") for o in (getattr(args, "overrides", None) or []))
+    return 0 if cfg is None else evaluate_command(cfg, args.models, progress=not args.no_progress,
+                                                  evaluate_from_checkpoint=not told)
 
 
 def _run(args) -> int:

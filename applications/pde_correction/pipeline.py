@@ -138,8 +138,13 @@ def run_pipeline(cfg: PDEConfig, *, cells: str | None = None, progress: bool = T
     return 0
 
 
-def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool = True) -> int:
-    """Evaluate ``src`` and/or corrector checkpoints on long rollouts in one MLflow run."""
+def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool = True,
+                     evaluate_from_checkpoint: bool = False) -> int:
+    """Evaluate ``src`` and/or corrector checkpoints on long rollouts in one MLflow run.
+
+    With ``evaluate_from_checkpoint`` the first checkpoint's ``evaluate`` block is used (its horizon
+    fits its data), else ``cfg``'s.
+    """
     from applications.pde_correction.evaluate import evaluate_models, log_evaluation
     from applications.pde_correction.train import Problem
     from core.models import from_spec
@@ -160,7 +165,8 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
         saved = build_config(PDEConfig, base=state["config"])
         if base is cfg:
             base = dataclasses.replace(cfg, solver=saved.solver, data=saved.data,
-                                       run=dataclasses.replace(cfg.run, seed=saved.run.seed))
+                                       run=dataclasses.replace(cfg.run, seed=saved.run.seed),
+                                       evaluate=saved.evaluate if evaluate_from_checkpoint else cfg.evaluate)
         elif saved.solver != base.solver or saved.data != base.data:
             raise UserError(f"{item} was trained on other data/solver settings than {checkpoints[0]}; evaluate "
                             "checkpoints of one dataset together")

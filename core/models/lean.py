@@ -100,6 +100,9 @@ def _batch_norm(bn: _BatchNorm, parts: list[torch.Tensor], *, inplace: bool) -> 
     shape = [1, -1] + [1] * (ref.dim() - 2)
     if bn.training or bn.running_mean is None:
         mean, var, n = _moments(parts, dims)
+        if n <= 1 and bn.training:               # as BatchNorm itself refuses
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                             f"{[sum(p.shape[0] for p in parts), *ref.shape[1:]]}")
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             bn.num_batches_tracked.add_(1)
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
@@ -128,9 +131,10 @@ def _moments(parts: list[torch.Tensor], dims: list[int]) -> tuple[torch.Tensor, 
     c = parts[0].shape[1]
     rows = [p.reshape(p.shape[0], c, -1) for p in parts]
     n = sum(r.shape[0] * r.shape[2] for r in rows)
-    mean = sum(r.sum(dim=2).double().sum(0) for r in rows) / n
+    wide = torch.float32 if rows[0].dtype in (torch.float16, torch.bfloat16) else None   # no fp16 overflow
+    mean = sum(r.sum(dim=2, dtype=wide).double().sum(0) for r in rows) / n
     centre = mean.to(rows[0].dtype).view(1, c, 1)
-    var = sum(torch.linalg.vector_norm(r - centre, dim=2).double().square().sum(0) for r in rows) / n
+    var = sum(torch.linalg.vector_norm(r - centre, dim=2, dtype=wide).double().square().sum(0) for r in rows) / n
     return mean, var, n
 
 

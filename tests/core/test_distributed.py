@@ -233,3 +233,37 @@ def test_ranks_get_the_command_without_nproc_and_without_abbreviations():
     # torchrun reads its own options out of the whole line: '--no' or '--nproc' would match several
     assert rank_argv(args, argv[1:]) == ["--no-progress", "--set", "optim.epochs=2", "--dist-timeout", "9",
                                          "--data-root=/d"]
+
+
+def test_estimators_built_later_get_their_shard_and_others_are_refused(monkeypatch):
+    """An app that builds its CGE after the start (defense's zo-ds) or rebuilds it mid-run (KD freezing
+    layers) gets a shard for it; a non-CGE estimator, or no CGE to come, is refused in one line."""
+    import torch.distributed as dist
+
+    from core import CGE, MeZO
+    from core.runtime.errors import UserError
+    from core.runtime.experiment import Experiment
+    from core.runtime.ranks import Session
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback() or "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(3, 2)
+
+        class Lazy(Experiment):
+            lazy_cge_methods = ("zo-ds",)
+
+        exp = Lazy(SimpleNamespace(optim=SimpleNamespace(method="zo-ds")))
+        Session(0, 2).attach(exp)                                 # no estimator yet: allowed, CGE to come
+        exp.estimator = CGE(model, mu=1e-3)
+        assert exp.estimator.shard is not None
+        exp.estimator = CGE(model, mu=1e-3)                      # rebuilt mid-run: a shard again
+        assert exp.estimator.shard is not None
+        with pytest.raises(UserError, match="split CGE's coordinates"):
+            exp.estimator = MeZO(model, mu=1e-3)
+        eager = Experiment(SimpleNamespace(optim=SimpleNamespace(method="zo-ds")))
+        with pytest.raises(UserError, match="split CGE's coordinates"):
+            Session(0, 2).attach(eager)                           # nothing to split, and nothing to come
+    finally:
+        dist.destroy_process_group()

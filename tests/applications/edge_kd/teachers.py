@@ -36,3 +36,14 @@ class FailsDuringTraining:
         if self.calls > 3:
             raise TimeoutError("teacher API timed out after 30 s")
         return _logits(x)
+
+
+class ThreeChannelNet(torch.nn.Module):
+    """A model for RGB images: fails on MNIST's one channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 10, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))

@@ -135,6 +135,11 @@ def test_bad_input_is_one_line_and_opens_no_run(store, teacher, capsys, tmp_path
         (["design", "--teacher", str(teacher), "--set", "halting.policy=sometimes"], "must be one of none, plateau"),
         (["export", str(teacher)], "was written by app 'classify', not 'kd'"),
         (["run", "--set", "sweep.methods=fo,sgd"], "config key 'sweep.methods' must be comma-separated names"),
+        (base + ["--set", "halting.rho=1.5"], "config key 'halting.rho' must be in [0, 1]"),
+        (["train", "--teacher", f"{TEACHERS}:ThreeChannelNet", *SMALL], "fails on [1, 28, 28] images: RuntimeError"),
+        # kd run asks the teacher before any run opens: a teacher that cannot answer leaves nothing
+        (["run", "--teacher", f"{TEACHERS}:unreachable", "--preset", "smoke", "--no-progress"],
+         "ConnectionError: teacher API at 10.0.0.7:9000"),
     ]
     for argv, expected in cases:
         line = _one_line(capsys, _kd(*argv))

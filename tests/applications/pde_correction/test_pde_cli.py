@@ -101,6 +101,16 @@ def test_http_solver_serves_the_evaluation_bit_for_bit(smoke_home):
     assert over_http["mae"] == in_process["mae"] and over_http["mae_final"] == in_process["mae_final"]
 
 
+def test_evaluate_without_a_preset_takes_the_checkpoints_settings(smoke_home):
+    """A smoke checkpoint evaluated with no --preset: its own data, solver and evaluate horizon apply."""
+    home, proc = smoke_home
+    ckpt = sorted((home / "runs" / "pde").glob("*/checkpoint.pt"))[0]
+    out = deepzero("pde", "evaluate", "src", str(ckpt), "--no-progress",
+                   home=home, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert _table(out.stdout)["src"]["mae"] == _table(proc.stdout)["src"]["mae"]
+
+
 @pytest.mark.parametrize("args, needle", [
     (("train", "--preset", "smoke", "--mode", "src"), "nothing to train"),
     (("train", "--preset", "smoke", "--mode", "fo-sol", "--set", "solver.source=exec:nope"), "differentiable twin"),

@@ -88,3 +88,11 @@ def test_mezo_lean_equals_plain_mezo():
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-9, atol=1e-10)
     assert za.queries == zb.queries
+
+
+def test_one_value_per_channel_in_training_is_refused_as_batchnorm_refuses():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        model(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        lean_forward(model, torch.randn(1, 4))
