@@ -84,7 +84,7 @@ def _run(module: nn.Module, parts: list[torch.Tensor], *, owned: bool,
     if kind in _BN and parts[0].is_floating_point():
         _batch_norm(module, parts, inplace=owned)
         return parts, True
-    if kind in _FRESH or kind is nn.Flatten:
+    if (kind in _FRESH or kind is nn.Flatten) and not getattr(module, "return_indices", False):
         for i, p in enumerate(parts):           # slice i's input is freed as its output is made
             parts[i] = module(p)
         return parts, owned if kind is nn.Flatten else True

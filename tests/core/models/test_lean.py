@@ -96,3 +96,13 @@ def test_one_value_per_channel_in_training_is_refused_as_batchnorm_refuses():
         model(torch.randn(1, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         lean_forward(model, torch.randn(1, 4))
+
+
+def test_layers_that_return_more_than_a_tensor_see_the_whole_batch():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, return_indices=True))
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        want, got = model(x), lean_forward(model, x)
+    assert isinstance(got, tuple) and len(got) == 2
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1])
