@@ -71,7 +71,7 @@ def _run(module: nn.Module, parts: list[torch.Tensor], *, owned: bool,
     if type(module) is nn.Sequential:
         for child in module:
             parts, owned = _run(child, parts, owned=owned, largest=largest)
-            size = sum(p.numel() * p.element_size() for p in parts)
+            size = sum(p.numel() * p.element_size() for p in parts if isinstance(p, torch.Tensor))
             largest[0] = max(largest[0], size)
             if len(parts) > 1 and owned and 4 * size <= largest[0]:
                 parts = [torch.cat(parts)]

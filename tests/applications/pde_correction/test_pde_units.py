@@ -223,7 +223,7 @@ def test_a_diverging_corrector_is_reported_as_divergence_and_costs_only_its_own_
     assert set(errors) == {"src"}
 
 
-class _Dying:
+class _FailingUserSolver:
     """A user's in-process solver class (not built on solvers' base): fails on call ``at`` as told."""
 
     def __init__(self, how, at):
@@ -254,7 +254,7 @@ def test_an_in_process_solver_failing_mid_zo_step_is_one_line_and_leaves_the_wei
     fam = BurgersFamily(4, (16,))
     net = _corrector(fam)
     w = _window(Burgers(16, nu=0.01, dt=0.05, umax=3.0), fam)
-    solver = _Dying(how, at=2)                               # the second time step of the first unroll fails
+    solver = _FailingUserSolver(how, at=2)                   # the second time step of the first unroll fails
     before = {k: v.clone() for k, v in net.state_dict().items()}
     zo = CGE(net, mu=1e-3, objective_batch=8)
     with pytest.raises(SolverFailed) as info:
