@@ -112,3 +112,23 @@ def test_layer_freezing_freezes_a_converged_prefix_only():
     assert p.decide([0.0, 0.05, 0.05, 0.05]) == 3                   # units 1, 2 calm twice; the head always trains
     with pytest.raises(ValueError, match="expected 4"):
         p.decide([0.1])
+
+
+def test_a_forward_only_mezo_step_measures_at_most_a_third_of_backprops_memory():
+    """The issue's memory target, measured (PyTorch profiler, everything the step allocates) on the
+    student the default preset designs for the Raspberry Pi 4 (depth 3, width 16), batch 64, KD loss."""
+    from applications.edge_kd import learners
+    from applications.edge_kd.config import PRESET_DIR, KDAppConfig
+    from applications.edge_kd.train import kd_objective
+    from core.models import build_model, model_spec, with_normalize
+    from core.runtime.config import build_config
+
+    cfg = build_config(KDAppConfig, preset_dir=PRESET_DIR, preset="default", overrides=[])
+    spec = model_spec(with_normalize(build_model("cnn", depth=3, width=16, in_channels=1, num_classes=10),
+                                     {"mean": [0.1307], "std": [0.3081]}))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28, generator=g)
+    target = (torch.randint(0, 10, (64,), generator=g), torch.randn(64, 10, generator=g), None)
+    fo, mezo = (learners.step_memory(spec, m, kd_objective(cfg), x, target, zo=cfg.zo, optim=cfg.optim)
+                for m in ("fo", "zo-mezo"))
+    assert mezo <= fo / 3, (mezo, fo)
