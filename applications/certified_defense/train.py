@@ -46,7 +46,8 @@ class DefenseExperiment(Experiment):
 
     app = "defense"
     plot_metric = "noisy_accuracy"
-    lazy_cge_methods = ("zo-ds",)     # its CGE is built when the Stab phase starts
+    single_process_reason = ("every rank would query the classifier itself (pseudo-labels, ZO-GraSP, evaluation), "
+                             "its queries and target.budget counted per process")
 
     @property
     def stop_errors(self):            # a budget running out, or the classifier failing mid-run

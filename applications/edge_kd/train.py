@@ -124,6 +124,8 @@ class KDExperiment(Experiment):
 
     app = "kd"
     stop_errors = (BudgetExceeded, TeacherError)
+    single_process_reason = ("every rank would query the teacher for the same images, its queries and "
+                             "teacher.budget counted per process")
     plot_metric = "test_accuracy"
 
     def __init__(self, cfg: KDAppConfig, *, resume: dict[str, Any] | None = None, data=None,

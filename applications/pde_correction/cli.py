@@ -107,11 +107,11 @@ def _evaluate(args) -> int:
     from applications.pde_correction.pipeline import evaluate_command
 
     cfg = _resolved(args)
-    # without --preset/--config/--set evaluate.*, a checkpoint's own evaluate settings apply
-    told = args.preset is not None or getattr(args, "config", None) or any(
-        o.startswith("evaluate.") for o in (getattr(args, "overrides", None) or []))
+    # without --preset/--config a checkpoint's own evaluate settings apply, with --set evaluate.* on top
+    own = args.preset is None and not getattr(args, "config", None)
+    tweaks = [o for o in (getattr(args, "overrides", None) or []) if o.startswith("evaluate.")]
     return 0 if cfg is None else evaluate_command(cfg, args.models, progress=not args.no_progress,
-                                                  evaluate_from_checkpoint=not told)
+                                                  evaluate_from_checkpoint=tweaks if own else None)
 
 
 def _run(args) -> int:

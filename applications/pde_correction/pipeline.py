@@ -139,11 +139,12 @@ def run_pipeline(cfg: PDEConfig, *, cells: str | None = None, progress: bool = T
 
 
 def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool = True,
-                     evaluate_from_checkpoint: bool = False) -> int:
+                     evaluate_from_checkpoint: list[str] | None = None) -> int:
     """Evaluate ``src`` and/or corrector checkpoints on long rollouts in one MLflow run.
 
-    With ``evaluate_from_checkpoint`` the first checkpoint's ``evaluate`` block is used (its horizon
-    fits its data), else ``cfg``'s.
+    With ``evaluate_from_checkpoint`` (a list of ``evaluate.*`` overrides, possibly empty) the first
+    checkpoint's ``evaluate`` block is used (its horizon fits its data) with those overrides on top;
+    with None, ``cfg``'s.
     """
     from applications.pde_correction.evaluate import evaluate_models, log_evaluation
     from applications.pde_correction.train import Problem
@@ -164,9 +165,11 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
         state = load_checkpoint(item, app="pde")
         saved = build_config(PDEConfig, base=state["config"])
         if base is cfg:
+            evaluate = cfg.evaluate
+            if evaluate_from_checkpoint is not None:
+                evaluate = build_config(PDEConfig, base=state["config"], overrides=evaluate_from_checkpoint).evaluate
             base = dataclasses.replace(cfg, solver=saved.solver, data=saved.data,
-                                       run=dataclasses.replace(cfg.run, seed=saved.run.seed),
-                                       evaluate=saved.evaluate if evaluate_from_checkpoint else cfg.evaluate)
+                                       run=dataclasses.replace(cfg.run, seed=saved.run.seed), evaluate=evaluate)
         elif saved.solver != base.solver or saved.data != base.data:
             raise UserError(f"{item} was trained on other data/solver settings than {checkpoints[0]}; evaluate "
                             "checkpoints of one dataset together")

@@ -39,10 +39,15 @@ def solver_step(solver, state: torch.Tensor, cond: dict[str, np.ndarray]) -> tor
 
         raise TrainingDiverged("the corrected state became non-finite before a solver step (the corrector "
                                "diverged: lower optim.lr, or zo.mu)")
+    from core.distributed import RankLost
+
+    arr = state.detach().cpu().numpy()
     try:
-        out = solver.step(state.detach().cpu().numpy(), **cond)
+        out = solver.step(arr, **cond)
     except SolverError as exc:
         raise SolverFailed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except RankLost:                             # another rank stopped this one (SIGTERM): not the solver
+        raise
     except Exception as exc:                     # a user's in-process solver class: any error is its failure
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise SolverFailed(f"{type(exc).__name__}{': ' + first if first else ''}") from None

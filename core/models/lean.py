@@ -98,9 +98,10 @@ def _batch_norm(bn: _BatchNorm, parts: list[torch.Tensor], *, inplace: bool) -> 
     ref = parts[0]
     dims = [0] + list(range(2, ref.dim()))
     shape = [1, -1] + [1] * (ref.dim() - 2)
+    bn._check_input_dim(ref)                     # e.g. a BatchNorm2d given 3-D input raises as in bn(x)
     if bn.training or bn.running_mean is None:
         mean, var, n = _moments(parts, dims)
-        if n <= 1 and bn.training:               # as BatchNorm itself refuses
+        if n == 1:                               # as BatchNorm itself refuses (batch statistics of one value)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{[sum(p.shape[0] for p in parts), *ref.shape[1:]]}")
         if bn.training and bn.track_running_stats and bn.running_mean is not None:

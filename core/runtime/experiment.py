@@ -96,6 +96,9 @@ class Experiment:
     # ``on_estimator`` when set: a multi-process run gives every CGE its shard there.
     lazy_cge_methods: tuple[str, ...] = ()        # optim.method values whose CGE is built after the start
     on_estimator: Any = None
+    # Why this app cannot run on several processes ("" = it can): e.g. a black box it asks outside the
+    # estimator would be asked again by every rank, and its queries and budget counted per process.
+    single_process_reason: str = ""
 
     @property
     def estimator(self) -> Any:
@@ -103,9 +106,9 @@ class Experiment:
 
     @estimator.setter
     def estimator(self, est: Any) -> None:
-        self.__dict__["_estimator"] = est
         if est is not None and self.on_estimator is not None:
-            self.on_estimator(est)
+            self.on_estimator(est)                 # may refuse it: then it is not assigned
+        self.__dict__["_estimator"] = est
 
     # -- what an app supplies --------------------------------------------------------------------
     @property

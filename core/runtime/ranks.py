@@ -47,6 +47,8 @@ class Session:
         from core.distributed import Shard
 
         method = getattr(getattr(exp.cfg, "optim", None), "method", None)
+        if exp.single_process_reason:
+            raise UserError(f"{self.world} processes: {exp.single_process_reason}; run it in one process")
 
         def shard(est: Any) -> None:
             if not isinstance(est, CGE):

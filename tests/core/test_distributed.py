@@ -260,10 +260,19 @@ def test_estimators_built_later_get_their_shard_and_others_are_refused(monkeypat
         assert exp.estimator.shard is not None
         exp.estimator = CGE(model, mu=1e-3)                      # rebuilt mid-run: a shard again
         assert exp.estimator.shard is not None
+        kept = exp.estimator
         with pytest.raises(UserError, match="split CGE's coordinates"):
             exp.estimator = MeZO(model, mu=1e-3)
+        assert exp.estimator is kept                              # a refused estimator is not assigned
         eager = Experiment(SimpleNamespace(optim=SimpleNamespace(method="zo-ds")))
         with pytest.raises(UserError, match="split CGE's coordinates"):
             Session(0, 2).attach(eager)                           # nothing to split, and nothing to come
+        assert eager.estimator is None
+        with pytest.raises(UserError, match="every rank would query the teacher"):
+            from applications.edge_kd.train import KDExperiment
+
+            kd = Experiment.__new__(KDExperiment)                 # the class's declaration is what counts
+            Experiment.__init__(kd, SimpleNamespace(optim=SimpleNamespace(method="zo-cge")))
+            Session(0, 2).attach(kd)
     finally:
         dist.destroy_process_group()
