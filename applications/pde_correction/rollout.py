@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from applications.pde_correction.families import Family
+from core.distributed import RankLost
 from solvers.protocol import SolverError
 
 
@@ -39,8 +40,6 @@ def solver_step(solver, state: torch.Tensor, cond: dict[str, np.ndarray]) -> tor
 
         raise TrainingDiverged("the corrected state became non-finite before a solver step (the corrector "
                                "diverged: lower optim.lr, or zo.mu)")
-    from core.distributed import RankLost
-
     arr = state.detach().cpu().numpy()
     try:
         out = solver.step(arr, **cond)

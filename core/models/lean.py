@@ -96,11 +96,10 @@ def _run(module: nn.Module, parts: list[torch.Tensor], *, owned: bool,
 def _batch_norm(bn: _BatchNorm, parts: list[torch.Tensor], *, inplace: bool) -> None:
     """``parts ← bn(cat(parts))`` slice by slice, with the running-statistics update of ``bn.forward``."""
     ref = parts[0]
-    dims = [0] + list(range(2, ref.dim()))
     shape = [1, -1] + [1] * (ref.dim() - 2)
     bn._check_input_dim(ref)                     # e.g. a BatchNorm2d given 3-D input raises as in bn(x)
     if bn.training or bn.running_mean is None:
-        mean, var, n = _moments(parts, dims)
+        mean, var, n = _moments(parts)
         if n == 1:                               # as BatchNorm itself refuses (batch statistics of one value)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{[sum(p.shape[0] for p in parts), *ref.shape[1:]]}")
@@ -123,7 +122,7 @@ def _batch_norm(bn: _BatchNorm, parts: list[torch.Tensor], *, inplace: bool) -> 
         parts[i] = p.mul_(scale).add_(shift) if inplace else p * scale + shift
 
 
-def _moments(parts: list[torch.Tensor], dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _moments(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-channel mean and biased variance of the joined slices (two passes), and the count per channel.
 
     Rows (sample, channel) are reduced over their contiguous positions with sums and norms (several
