@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core.engine import kernels
 from core.engine import windows as Wn
 from core.engine.layers import bn_scale_shift, maxpool2x2
 from core.engine.reps import Chan, Full
@@ -48,14 +49,35 @@ def bn_relu_pool_rows(bn: _BatchNorm | None, rows: torch.Tensor, ch: torch.Tenso
     return torch.addcmul(b.unsqueeze(-1), top, a.unsqueeze(-1)).relu_()
 
 
-def chan_from_rows(bn: _BatchNorm | None, ch: torch.Tensor, rows: torch.Tensor,
-                   pooled_shape: tuple[int, int, int]) -> Chan:
+def bn_relu_top(bn: _BatchNorm | None, top: torch.Tensor, ch: torch.Tensor | None,
+                sums: tuple[torch.Tensor, torch.Tensor, int, torch.dtype]) -> torch.Tensor:
+    """relu(bn(·)) of 2×2 maxima ``top`` [..., pooled] of rows whose Σx, Σx² a fused loop summed."""
+    if bn is None:
+        return top.relu_()
+    a, b = bn_scale_shift(bn, None, ch, sums=sums)
+    return top.mul_(a.unsqueeze(-1)).add_(b.unsqueeze(-1)).relu_()         # in place: no fresh pages to fault in
+
+
+def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None,
+                    cidx: torch.Tensor | None, h: torch.Tensor, pooled_shape: tuple[int, int, int]) -> Chan:
     """A coordinate source at a block's conv (or BatchNorm) as the Chan it makes at the pool.
 
-    ``rows`` [K, N]: the new values of channel ``ch[k]`` in window-major order.
+    Perturbation k sets channel ``ch[k]`` to ``Y[ch[k]] + h[k] · coef[cidx[k]]`` (``coef`` None:
+    ``+ h[k]``, a bias); ``Y`` and ``coef`` are rows in window-major order. ``bn`` None: the rows
+    are already normalised (a BatchNorm coordinate's own output).
     """
     B, Hp, Wp = pooled_shape
-    out = bn_relu_pool_rows(bn, rows, ch, B * Hp * Wp)
+    pooled = B * Hp * Wp
+    if kernels.enabled(Y):
+        if coef is None:
+            coef, cidx = Y.new_ones(1, Y.shape[1]), torch.zeros_like(ch)
+        top, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, pooled)
+        out = bn_relu_top(bn, top, ch, (s1, s2, Y.shape[1], Y.dtype))
+    else:
+        rows = Y.index_select(0, ch)
+        rows = rows.add_(h.unsqueeze(1)) if coef is None else \
+            rows.addcmul_(coef.index_select(0, cidx), h.unsqueeze(1))
+        out = bn_relu_pool_rows(bn, rows, ch, pooled)
     return Chan(ch, out.view(-1, B, Hp, Wp))
 
 
@@ -71,14 +93,21 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
         out_shape: (B, H', W') of the conv output.
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
-    multiply-adds (the floor of a one-channel change) plus three reads of the Cout rows.
+    multiply-adds (the floor of a one-channel change), in one fused loop for a 3×3 kernel on a CPU
+    (:func:`core.engine.kernels.block_pool_sums`), else a batched matmul and three reads of the rows.
     """
     K = delta.shape[0]
     taps = w_by_input.shape[2]
-    U = Wn.im2col_one_channel(delta, index, taps)                                # [K, taps, N]
-    rows = torch.baddbmm(y_windows.unsqueeze(0), w_by_input.index_select(0, ch), U)   # [K, Cout, N]
     B, Ho, Wo = out_shape
-    out = bn_relu_pool_rows(bn, rows, None, B * (Ho // 2) * (Wo // 2))
+    pooled = B * (Ho // 2) * (Wo // 2)
+    W = w_by_input.index_select(0, ch)                                                   # [K, Cout, taps]
+    if taps == 9 and kernels.enabled(delta, y_windows):
+        top, s1, s2 = kernels.block_pool_sums(delta, index, W, y_windows, pooled)
+        out = bn_relu_top(bn, top, None, (s1, s2, y_windows.shape[1], y_windows.dtype))
+    else:
+        U = Wn.im2col_one_channel(delta, index, taps)                                    # [K, taps, N]
+        rows = torch.bmm(W, U).add_(y_windows)            # [K, Cout, N]; faster than baddbmm's broadcast copy
+        out = bn_relu_pool_rows(bn, rows, None, pooled)
     return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from core.engine import kernels
 from core.engine.graph import Coord
 from core.engine.layers import CHANNEL_LOCAL
 from core.engine.sources import SourcePlan
@@ -65,24 +66,37 @@ class ShapePlanner:
             chain = engine.chains[node]
         B = env[src].shape[0]
         budget = engine.max_elems or (_CPU_ELEMS if env[src].device.type == "cpu" else _GPU_ELEMS)
-        per = max(1, B * self._width(node, env))
+        per = max(1, B * self._width(node, env, self._unmaterialised(env[src])))
         K = chunk or min(_MAX_CHUNK, max(budget // per, min(_MIN_CHUNK, 8 * budget // per), 1))
         return replace(plan, chain=chain, per_sample_dims=dims, chunk=K)
 
-    def _width(self, node: fx.Node, env: dict[fx.Node, Any]) -> int:
+    def _unmaterialised(self, x: torch.Tensor) -> dict[fx.Node, tuple[fx.Node, ...]]:
+        """Block conv -> the nodes of its block whose values the CPU loop never writes out when the
+        block's input changed in one channel (:mod:`core.engine.kernels`: only the pool output is)."""
+        if not kernels.enabled(x):
+            return {}
+        root = self.engine.root
+        return {conv: (conv, b.chain.bn, b.chain.relu) for conv, b in self.engine.blocks.items()
+                if root.get_submodule(conv.target).weight[0, 0].numel() == 9}
+
+    def _width(self, node: fx.Node, env: dict[fx.Node, Any], fused: dict[fx.Node, tuple[fx.Node, ...]]) -> int:
         """Per-sample elements of the widest *fully perturbed* activation after ``node``.
 
         Until the first channel-mixing layer a coordinate's change stays in one channel, so those
-        nodes count one channel only.
+        nodes count one channel only. If that layer starts a block in ``fused``, the block's inner
+        values are never materialised.
         """
         engine = self.engine
-        mixed, widest = False, 1
+        mixed, widest, skip = False, 1, ()
         for n in engine.nodes[engine.order[node]:]:
             v = env.get(n)
             if not isinstance(v, torch.Tensor) or v.dim() == 0:
                 continue
-            size = v[0].numel()
-            widest = max(widest, size if mixed else size // max(1, v.shape[1] if v.dim() > 1 else 1))
             local = n is node or isinstance(engine._module(n), CHANNEL_LOCAL)
+            if not mixed and not local:
+                skip = fused.get(n, ())
             mixed = mixed or not local
+            if n not in skip:
+                size = v[0].numel()
+                widest = max(widest, size if mixed else size // max(1, v.shape[1] if v.dim() > 1 else 1))
         return widest

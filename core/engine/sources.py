@@ -10,7 +10,7 @@ Perturbing one coordinate by h changes its layer's output in closed form (DeepZe
 
 K coordinates of one parameter travel together; ``h`` is a [K] vector (+μ, or +μ and −μ for
 central differences). A source at a conv or BatchNorm that starts a fused block lands directly at
-the block's pool (:func:`core.engine.blocks.chan_from_rows`): its rows are built in window-major
+the block's pool (:func:`core.engine.blocks.chan_from_terms`): its rows are built in window-major
 order, and BatchNorm → ReLU → 2×2 max run on them at once.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from core.engine.blocks import chan_from_rows
+from core.engine.blocks import chan_from_terms
 from core.engine.graph import Coord, PoolChain
 from core.engine.reps import Chan, Feat, Rep
 from core.engine.step import StepCache
@@ -44,20 +44,27 @@ class SourcePlan:
     chunk: int = 1
 
 
-def _rows(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCache,
-          windowed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(channel of each perturbation [K], its new values [K, B·|sp|]) for conv/BN/bias coordinates."""
+def _terms(plan: SourcePlan, idx: torch.Tensor, cache: StepCache, windowed: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(channel ``ch`` [K], cached rows Y [C, B·|sp|], coefficient rows, coefficient row of each
+    perturbation): channel ``ch[k]`` becomes ``Y[ch[k]] + h[k] · coef[cidx[k]]`` (no coef: ``+ h[k]``)."""
     m, node = plan.module, plan.node
     y = cache.rows(node, windowed)                                              # [C, B·|sp|]
     if plan.coord is Coord.CONV_WEIGHT:
         per_out = m.weight[0].numel()
         ch = torch.div(idx, per_out, rounding_mode="floor")
-        coef = cache.patches(node, m, windowed).index_select(0, idx - ch * per_out)   # rows c·kh·kw + i·kw + j
-    elif plan.coord is Coord.BN_WEIGHT:
-        ch, coef = idx, cache.xhat(node, m, windowed).index_select(0, idx)
-    else:                                                                       # Coord.BIAS
-        return idx, y.index_select(0, idx) + h.unsqueeze(1)
-    return ch, torch.addcmul(y.index_select(0, ch), coef, h.unsqueeze(1))
+        return ch, y, cache.patches(node, m, windowed), idx - ch * per_out     # rows c·kh·kw + i·kw + j
+    if plan.coord is Coord.BN_WEIGHT:
+        return idx, y, cache.xhat(node, m, windowed), idx
+    return idx, y, None, None                                                   # Coord.BIAS
+
+
+def _rows(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCache,
+          windowed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(channel of each perturbation [K], its new values [K, B·|sp|]) for conv/BN/bias coordinates."""
+    ch, y, coef, cidx = _terms(plan, idx, cache, windowed)
+    rows = y.index_select(0, ch)
+    return ch, rows.add_(h.unsqueeze(1)) if coef is None else rows.addcmul_(coef.index_select(0, cidx), h.unsqueeze(1))
 
 
 def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCache) -> tuple[fx.Node, Rep]:
@@ -76,9 +83,8 @@ def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCach
     if chain is not None:
         bn = None if chain.bn is node else cache.root.get_submodule(chain.bn.target)
         if bn is None or cache.monotone(bn):
-            ch, rows = _rows(plan, idx, h, cache, windowed=True)
             B, _, H, W = cache.env[node].shape
-            return chain.pool, chan_from_rows(bn, ch, rows, (B, H // 2, W // 2))
+            return chain.pool, chan_from_terms(bn, *_terms(plan, idx, cache, windowed=True), h, (B, H // 2, W // 2))
     ch, rows = _rows(plan, idx, h, cache, windowed=False)
     if plan.per_sample_dims == 1:
         return node, Feat(ch.unsqueeze(1), rows.unsqueeze(1))

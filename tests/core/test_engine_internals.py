@@ -2,7 +2,8 @@
 
 Oracles: ``F.max_pool2d`` and ``F.unfold`` for the index maps (exact), the layers run one by one on
 the perturbed input for the fused blocks (float64, rounding only), and the naive coordinate loop
-for whole estimates (float64, relative difference ≤ 1e-10).
+for whole estimates (float64, relative difference ≤ 1e-10). The fused paths run twice, with the
+compiled CPU loops (:mod:`core.engine.kernels`) and with PyTorch operators only.
 """
 import copy
 
@@ -13,11 +14,20 @@ from torch import nn
 
 import core.engine.propagate as P
 from core import CGE
-from core.engine import FastCGE
+from core.engine import FastCGE, kernels
 from core.engine import windows as Wn
 from core.engine.blocks import chan_through_block, full_through_block
 from core.engine.graph import Op
 from tests.core.devices import DEVICES
+
+
+@pytest.fixture(params=["loops", "torch ops"])
+def loops(request, monkeypatch):
+    """Run a test with the compiled CPU loops (skipped without Numba) and with PyTorch operators only."""
+    if request.param == "loops" and kernels._compiled() is None:
+        pytest.skip("Numba is not installed")
+    monkeypatch.setattr(kernels, "use", request.param == "loops")
+    return request.param == "loops"
 
 
 def _cnn(depth=3, width=4, classes=5):
@@ -81,7 +91,7 @@ def test_gather_index_is_one_channel_im2col(geometry, windowed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("side", [7, 8])
-def test_fused_block_equals_its_layers(side, train, device):
+def test_fused_block_equals_its_layers(side, train, device, loops):
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 5, 3, padding=1).double().to(device), nn.BatchNorm2d(5).double().to(device)
     bn.running_mean.uniform_(-0.5, 0.5)
@@ -109,6 +119,72 @@ def test_fused_block_equals_its_layers(side, train, device):
     torch.testing.assert_close(full.t, expected, rtol=1e-12, atol=1e-12)
 
 
+# -- the compiled loops against PyTorch operators ----------------------------------------------------
+def _window_rows(K, C, B, side, dtype):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(K, C, B * side * side, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("side", [7, 8])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_block_loop_equals_matmul_sums_and_maxima(dtype, side, index_dtype):
+    if kernels._compiled() is None:
+        pytest.skip("Numba is not installed")
+    g = torch.Generator().manual_seed(4)
+    K, Cout, B = 5, 3, 2
+    conv = nn.Conv2d(1, Cout, 3, padding=1)
+    delta = torch.randn(K, B, side, side, generator=g, dtype=dtype)
+    W = torch.randn(K, Cout, 9, generator=g, dtype=dtype)
+    N, P = B * side * side, B * (side // 2) ** 2
+    Y = torch.randn(Cout, N, generator=g, dtype=dtype) + 2.0
+    index = Wn.conv_gather_index(conv, B, side, side, True, delta.device).to(index_dtype)
+    top, s1, s2 = kernels.block_pool_sums(delta, index, W, Y, P)
+    rows = (torch.bmm(W, Wn.im2col_one_channel(delta, index, 9)) + Y).double()        # [K, Cout, N]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(top.double(), Wn.pool_windows(rows, P), **tol)
+    torch.testing.assert_close(s1, rows.sum(-1), **tol)                               # odd sides: every
+    torch.testing.assert_close(s2, rows.square().sum(-1), **tol)                       # position counts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_loop_equals_torch_and_lets_nan_through(dtype):
+    if kernels._compiled() is None:
+        pytest.skip("Numba is not installed")
+    g = torch.Generator().manual_seed(5)
+    C, N, P = 4, 2 * 7 * 7, 2 * 9
+    Y, coef = torch.randn(C, N, generator=g, dtype=dtype), torch.randn(6, N, generator=g, dtype=dtype)
+    ch, cidx = torch.tensor([3, 0, 3]), torch.tensor([5, 1, 0])
+    h = torch.tensor([0.5, -2.0, 1e-3], dtype=dtype)
+    top, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, P)
+    rows = (Y[ch] + h[:, None] * coef[cidx]).double()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(top.double(), Wn.pool_windows(rows, P), **tol)
+    torch.testing.assert_close(s1, rows.sum(-1), **tol)
+    torch.testing.assert_close(s2, rows.square().sum(-1), **tol)
+    Y[3, 4 * P + 1] = float("nan")                                 # a position no window covers
+    _, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, P)
+    assert s1[[0, 2]].isnan().all() and s2[[0, 2]].isnan().all() and not s1[1].isnan()
+
+
+def test_float32_estimate_with_loops_is_as_accurate_as_the_naive_loop(loops):
+    """In float32 the loops' sums round differently from PyTorch's: the error to the float64 exact
+    finite difference must stay of the naive float32 loop's size."""
+    torch.manual_seed(0)
+    model = _cnn(width=6)
+    x, y = _data(B=8, side=16)
+    x = x.float()
+    exact = copy.deepcopy(model).double()
+    CGE(exact, engine="naive").backward(F.cross_entropy, x.double(), y)
+    naive, fast = copy.deepcopy(model), model
+    CGE(naive, engine="naive").backward(F.cross_entropy, x, y)
+    CGE(fast, engine="fast").backward(F.cross_entropy, x, y)
+    g = _grads(exact)
+    err_naive = float((_grads(naive).double() - g).norm() / g.norm())
+    err_fast = float((_grads(fast).double() - g).norm() / g.norm())
+    assert err_fast <= 2 * err_naive + 1e-6, (err_fast, err_naive)
+
+
 # -- whole estimates -------------------------------------------------------------------------------
 def _spy_fused(monkeypatch):
     calls = {"chan": 0, "full": 0}
@@ -127,7 +203,7 @@ def _spy_fused(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("central", [False, True], ids=["forward", "central"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkeypatch):
+def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkeypatch, loops):
     """14×14 inputs: 14 → 7 → 3 → 1, so two of the three blocks pool maps with a leftover row."""
     torch.manual_seed(0)
     model = _cnn().double().to(device).train(train)
@@ -138,7 +214,7 @@ def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkey
 
 
 @pytest.mark.parametrize("variant", ["negative gamma", "strided conv without bias", "BN without affine"])
-def test_block_variants_stay_exact(variant):
+def test_block_variants_stay_exact(variant, loops):
     torch.manual_seed(0)
     model = _cnn().double()
     if variant == "negative gamma":                                # BN → ReLU no longer commutes with max
