@@ -44,45 +44,62 @@ def _compiled():
     jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True)
 
     @jit
-    def block9(padded, index, W, Y, P, top, s1, s2):
-        K, Cout, _ = W.shape
-        N = Y.shape[1]
-        U = np.empty((9, N), dtype=padded.dtype)
-        for k in range(K):
-            d = padded[k]
-            for t in range(9):
-                for n in range(N):
-                    U[t, n] = d[index[t, n]]
-            u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
-            for o in range(Cout):
-                w = W[k, o]
-                w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-                y = Y[o]
-                tk = top[k, o]
-                a1 = y[0] - y[0]                     # zero in the rows' dtype
-                a2 = a1
-                for n in range(P):
-                    m = n + P
-                    r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
-                        + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
-                    r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                        + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                    m += P
-                    r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                        + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                    m += P
-                    r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                        + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                    tk[n] = max(max(r0, r1), max(r2, r3))
-                    a1 += (r0 + r1) + (r2 + r3)
-                    a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-                for m in range(4 * P, N):                # positions no window covers (odd sides)
-                    r = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                        + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                    a1 += r
-                    a2 += r * r
-                s1[k, o] = a1
-                s2[k, o] = a2
+    def gather(d, index, U):                         # U[t, n] = d[index[t, n]]: one-channel im2col
+        for t in range(index.shape[0]):
+            for n in range(index.shape[1]):
+                U[t, n] = d[index[t, n]]
+
+    @jit
+    def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w):
+        """(Σ, Σ²) of the positions no window covers (odd sides); 1-D slices from 0 vectorise."""
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+        a1 = w0 - w0
+        a2 = a1
+        for m in range(y.shape[0]):
+            r = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+                + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+            a1 += r
+            a2 += r * r
+        return a1, a2
+
+    @jit
+    def conv9(U, W, Y, P, top, s1, s2):             # one perturbation: W [Cout, 9], U [9, N]
+        u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
+        for o in range(W.shape[0]):
+            w = W[o]
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+            y = Y[o]
+            tk = top[o]
+            a1 = y[0] - y[0]                         # zero in the rows' dtype
+            a2 = a1
+            for n in range(P):
+                m = n + P
+                r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
+                    + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
+                r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+                m += P
+                r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+                m += P
+                r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+                tk[n] = max(max(r0, r1), max(r2, r3))
+                a1 += (r0 + r1) + (r2 + r3)
+                a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
+            e = 4 * P
+            b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
+            s1[o] = a1 + b1
+            s2[o] = a2 + b2
+
+    @jit
+    def block9(delta, index, W, Y, P, top, s1, s2):
+        U = np.empty((9, Y.shape[1]), dtype=delta.dtype)    # one perturbation's im2col stays in cache
+        d = np.zeros(delta.shape[1] + 1, dtype=delta.dtype)   # the change, then the padding's zero
+        for k in range(W.shape[0]):
+            d[:-1] = delta[k]
+            gather(d, index, U)
+            conv9(U, W[k], Y, P, top[k], s1[k], s2[k])
 
     @jit
     def rows(Y, ch, coef, cidx, h, P, top, s1, s2):
@@ -103,12 +120,15 @@ def _compiled():
                 tk[n] = max(max(r0, r1), max(r2, r3))
                 a1 += (r0 + r1) + (r2 + r3)
                 a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-            for m in range(4 * P, N):
-                r = y[m] + hk * c[m]
-                a1 += r
-                a2 += r * r
-            s1[k] = a1
-            s2[k] = a2
+            yt, ct = y[4 * P:], c[4 * P:]
+            b1 = a1 - a1
+            b2 = b1
+            for m in range(N - 4 * P):
+                r = yt[m] + hk * ct[m]
+                b1 += r
+                b2 += r * r
+            s1[k] = a1 + b1
+            s2[k] = a2 + b2
 
     return block9, rows
 
@@ -130,11 +150,10 @@ def block_pool_sums(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y
     index [9·N] (:func:`core.engine.windows.conv_gather_index`), ``W`` [K, Cout, 9], ``Y`` [Cout, N].
     """
     K, Cout = W.shape[:2]
-    padded = torch.cat([delta.reshape(K, -1), delta.new_zeros(K, 1)], 1)
     top = delta.new_empty(K, Cout, pooled)
     s1 = torch.empty(K, Cout, dtype=torch.float64)
     s2 = torch.empty(K, Cout, dtype=torch.float64)
-    _compiled()[0](_np(padded), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
+    _compiled()[0](_np(delta.reshape(K, -1)), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
                    top.numpy(), s1.numpy(), s2.numpy())
     return top, s1, s2
 
