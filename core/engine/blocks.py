@@ -5,14 +5,16 @@ BatchNorm statistics, once more for the strided 2×2 maximum, and the strided re
 small maps. Here each block is one pass over rows held in *window-major* order
 (:mod:`core.engine.windows`):
 
-1. the conv output rows come straight out of one batched matmul, ``baddbmm`` adding the cached
-   output (a one-channel change, :func:`chan_through_block`), or from the convolution itself in
-   channels-last memory (every channel changed, :func:`full_through_block`);
-2. BatchNorm's per-row Σx and ‖x‖² read the rows once each;
-3. the 2×2 maximum is one ``amax`` over four contiguous quarters of each row;
-4. scale, shift and ReLU run on the pooled quarter only.
+1. the conv output rows of a one-channel change (:func:`chan_through_block`) or of a coordinate's
+   own layer (:func:`chan_from_terms`): on a CPU one compiled loop per row computes the row, its
+   Σx and Σx² and its 2×2 maxima while the values are in registers (:mod:`core.engine.kernels`);
+   elsewhere a batched matmul writes the rows, ``sum``/``vector_norm`` read them for the BatchNorm
+   statistics and one ``amax`` over four contiguous quarters of each row pools them;
+2. when every channel changed (:func:`full_through_block`) the convolution itself runs in
+   channels-last memory and the statistics and strided maximum read that layout;
+3. scale, shift and ReLU run on the pooled quarter only.
 
-Step 4 is exact, not an approximation: with a non-negative scale a (every γ ≥ 0, checked each
+Step 3 is exact, not an approximation: with a non-negative scale a (every γ ≥ 0, checked each
 step), x ↦ relu(a·x + b) is non-decreasing — also in floating point, where rounding is monotone —
 so it commutes with the maximum (``pool(relu(bn(x))) == relu(bn(pool(x)))`` bit for bit once the
 statistics come from the unpooled x).
@@ -49,15 +51,6 @@ def bn_relu_pool_rows(bn: _BatchNorm | None, rows: torch.Tensor, ch: torch.Tenso
     return torch.addcmul(b.unsqueeze(-1), top, a.unsqueeze(-1)).relu_()
 
 
-def bn_relu_top(bn: _BatchNorm | None, top: torch.Tensor, ch: torch.Tensor | None,
-                sums: tuple[torch.Tensor, torch.Tensor, int, torch.dtype]) -> torch.Tensor:
-    """relu(bn(·)) of 2×2 maxima ``top`` [..., pooled] of rows whose Σx, Σx² a fused loop summed."""
-    if bn is None:
-        return top.relu_()
-    a, b = bn_scale_shift(bn, None, ch, sums=sums)
-    return top.mul_(a.unsqueeze(-1)).add_(b.unsqueeze(-1)).relu_()         # in place: no fresh pages to fault in
-
-
 def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None,
                     cidx: torch.Tensor | None, h: torch.Tensor, pooled_shape: tuple[int, int, int]) -> Chan:
     """A coordinate source at a block's conv (or BatchNorm) as the Chan it makes at the pool.
@@ -71,8 +64,7 @@ def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, co
     if kernels.enabled(Y):
         if coef is None:
             coef, cidx = Y.new_ones(1, Y.shape[1]), torch.zeros_like(ch)
-        top, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, pooled)
-        out = bn_relu_top(bn, top, ch, (s1, s2, Y.shape[1], Y.dtype))
+        out = kernels.rows_pool(Y, ch, coef, cidx, h, pooled, bn)
     else:
         rows = Y.index_select(0, ch)
         rows = rows.add_(h.unsqueeze(1)) if coef is None else \
@@ -82,7 +74,8 @@ def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, co
 
 
 def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_by_input: torch.Tensor,
-                       y_windows: torch.Tensor, index: torch.Tensor, out_shape: tuple[int, int, int]) -> Full:
+                       y_windows: torch.Tensor, index: torch.Tensor, out_shape: tuple[int, int, int],
+                       channels_last: bool = False) -> Full:
     """A block whose conv input changed in one channel per perturbation: ``ch[k]`` by ``delta[k]``.
 
     Args:
@@ -91,6 +84,8 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
         y_windows: the cached conv output, [Cout, B·H'·W'] in window-major order.
         index: :func:`core.engine.windows.conv_gather_index` (window-major).
         out_shape: (B, H', W') of the conv output.
+        channels_last: lay the result out in channels-last memory (the next layer is a
+            convolution, :func:`full_through_block`); the compiled loop only.
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
     multiply-adds (the floor of a one-channel change), in one fused loop for a 3×3 kernel on a CPU
@@ -102,12 +97,13 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
     pooled = B * (Ho // 2) * (Wo // 2)
     W = w_by_input.index_select(0, ch)                                                   # [K, Cout, taps]
     if taps == 9 and kernels.enabled(delta, y_windows):
-        top, s1, s2 = kernels.block_pool_sums(delta, index, W, y_windows, pooled)
-        out = bn_relu_top(bn, top, None, (s1, s2, y_windows.shape[1], y_windows.dtype))
-    else:
-        U = Wn.im2col_one_channel(delta, index, taps)                                    # [K, taps, N]
-        rows = torch.bmm(W, U).add_(y_windows)            # [K, Cout, N]; faster than baddbmm's broadcast copy
-        out = bn_relu_pool_rows(bn, rows, None, pooled)
+        out = kernels.block_pool(delta, index, W, y_windows, pooled, bn, channels_last)
+        if channels_last:                                                                # [K, pooled, Cout]
+            return Full(out.view(K, B, Ho // 2, Wo // 2, -1).permute(0, 4, 1, 2, 3))
+        return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
+    U = Wn.im2col_one_channel(delta, index, taps)                                        # [K, taps, N]
+    rows = torch.bmm(W, U).add_(y_windows)                # [K, Cout, N]; faster than baddbmm's broadcast copy
+    out = bn_relu_pool_rows(bn, rows, None, pooled)
     return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
 
 
@@ -122,6 +118,8 @@ def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor) -> Full
     y = conv(x).permute(0, 2, 3, 1)                                                     # [K·B, H', W', Cout]
     Ho, Wo, Cout = y.shape[1:]
     y = y.reshape(K, B, Ho, Wo, Cout)
+    if kernels.enabled(y):
+        return Full(kernels.channels_last_pool(y, bn).permute(0, 4, 1, 2, 3))
     a, b = bn_scale_shift(bn, y.reshape(K, -1, Cout), None, dim=1)                     # [K, Cout]
     top = maxpool2x2(y.movedim(4, 2)).flatten(3).transpose(2, 3)                        # [K, B, h·w, Cout]
     out = torch.addcmul(b.reshape(-1, 1, 1, Cout), top, a.reshape(-1, 1, 1, Cout)).relu_()   # a, b: [K or 1, Cout]

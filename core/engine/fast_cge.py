@@ -21,20 +21,24 @@ are for this one coordinate; the K coordinates of a chunk add a leading K to eve
 
 0. :meth:`FastCGE.estimate` runs the caching forward once (``env``: every node's value);
    :meth:`FastCGE._estimate_param` takes W2's coordinates K at a time (the per-shape plan,
-   :mod:`core.engine.planning`, chose K = 18 here).
+   :mod:`core.engine.planning`, chose K = 83 here on a CPU: the widest value the chunk writes out
+   is pool3's output, as the fused loops never materialise conv3's rows).
 1. :func:`core.engine.sources.source`: conv2 starts a fused block (conv2 → BN2 → ReLU → pool2), so
-   the new conv2 channel 5 is built in window-major order: row 5 of conv2's cached output plus
-   h × row 3·9 + 1·3 + 2 = 32 of the im2col of conv2's input (:class:`~core.engine.step.StepCache`),
-   both [12,544] = 64·14·14 — two reads and one write of 12,544 values.
-2. :func:`core.engine.blocks.chan_from_rows`: BN2's statistics of that row (Σx, ‖x‖²: two reads),
-   the 2×2 maxima as one ``amax`` over its four quarters (3,136 values), then scale, shift and ReLU
-   on those: ``Chan(idx=[5], v=[1, 64, 7, 7])`` at pool2.
+   the new conv2 channel 5 is row 5 of conv2's cached output plus h × row 3·9 + 1·3 + 2 = 32 of the
+   im2col of conv2's input (:class:`~core.engine.step.StepCache`), both [12,544] = 64·14·14 in
+   window-major order.
+2. :func:`core.engine.blocks.chan_from_terms`: one loop (:mod:`core.engine.kernels`) reads the two
+   rows once, forming the new row and its Σx, Σx² (BN2's statistics) and its 2×2 maxima, the
+   maxima of the row's four quarters (3,136 values); scale, shift and ReLU run on those:
+   ``Chan(idx=[5], v=[1, 64, 7, 7])`` at pool2.
 3. :meth:`core.engine.propagate.Downstream.evaluate` walks on from pool2. conv3 starts a block
    whose input changed in one channel, so :func:`core.engine.blocks.chan_through_block`:
-   δ = v − pool2's cached channel 5 [3,136]; its im2col by one gather, U [9, 3,136]; one
-   ``baddbmm``: conv3's cached output + W3[:, 5] ([18, 9]) @ U → rows [18, 3,136] in window-major
-   order (2·18·9·3,136 = 1.0 MFLOP); BN3's statistics per row (two reads of 56,448 values);
-   ``amax`` → [18, 576]; scale, shift, ReLU: ``Full(t=[1, 18, 64, 3, 3])`` at pool3.
+   δ = v − pool2's cached channel 5 [3,136]; the compiled loop gathers its im2col U [9, 3,136]
+   (window-major) into a cache-resident buffer, then for each of conv3's 18 output channels o forms
+   conv3's cached row o + Σ_t W3[o, 5, t] · U[t] (2·18·9·3,136 = 1.0 MFLOP in all) together with
+   its Σx, Σx² and 2×2 maxima, without writing the [18, 3,136] rows out; BN3's scale, shift and
+   ReLU on the maxima [18, 576]: ``Full(t=[1, 18, 64, 3, 3])`` at pool3. Without the loops (GPU,
+   no Numba): one ``bmm`` writes the rows, and ``sum``, ``vector_norm`` and ``amax`` read them.
 4. :mod:`core.engine.layers`: the global average pool → [1, 18, 64, 1, 1] (a matrix-vector
    product), flatten → [1, 18, 64], Linear → logits [1, 10, 64] (2·10·18·64 = 23 kFLOP).
 5. :class:`core.engine.losses.BatchedLoss`: closed-form cross-entropy ℓ [1]; ĝ_842 = (ℓ − ℓ0) / μ.

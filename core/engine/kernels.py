@@ -27,7 +27,9 @@ import functools
 import os
 
 import torch
+from torch import nn
 
+_BatchNorm = nn.modules.batchnorm._BatchNorm
 _DTYPES = (torch.float32, torch.float64)
 use = os.environ.get("DEEPZERO_KERNELS", "1") != "0"     # False: always the PyTorch operators
 
@@ -42,6 +44,22 @@ def _compiled():
         return None
     # reassoc/contract: the reductions may use SIMD lanes and FMAs; no 'nnan': a NaN still reaches the sums
     jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True)
+
+    @jit
+    def scale_shift(mode, s1, s2, n, g, b, eps):
+        """(a, b) with BN(x) = a·x + b for one row: mode 0 none, 1 batch statistics, 2 given (g, b)."""
+        if mode == 0:
+            return 1.0, 0.0
+        if mode == 2:
+            return g, b
+        mean = s1 / n
+        var = max(s2 / n - mean * mean, 0.0)
+        a = g / np.sqrt(var + eps)
+        return a, b - mean * a
+
+    @jit
+    def relu(v):
+        return v if not v < 0 else v - v             # a NaN stays NaN
 
     @jit
     def gather(d, index, U):                         # U[t, n] = d[index[t, n]]: one-channel im2col
@@ -93,23 +111,45 @@ def _compiled():
             s2[o] = a2 + b2
 
     @jit
-    def block9(delta, index, W, Y, P, top, s1, s2):
-        U = np.empty((9, Y.shape[1]), dtype=delta.dtype)    # one perturbation's im2col stays in cache
+    def block9(delta, index, W, Y, P, mode, g, bb, eps, last, out):
+        """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ delta[k])): [P, Cout] (``last``) or [Cout, P]."""
+        K, Cout = W.shape[0], W.shape[1]
+        N = Y.shape[1]
+        U = np.empty((9, N), dtype=delta.dtype)      # one perturbation's im2col stays in cache
         d = np.zeros(delta.shape[1] + 1, dtype=delta.dtype)   # the change, then the padding's zero
-        for k in range(W.shape[0]):
+        top = np.empty((Cout, P), dtype=delta.dtype)
+        s1 = np.empty(Cout)
+        s2 = np.empty(Cout)
+        a = np.empty(Cout, dtype=delta.dtype)
+        b = np.empty(Cout, dtype=delta.dtype)
+        for k in range(K):
             d[:-1] = delta[k]
             gather(d, index, U)
-            conv9(U, W[k], Y, P, top[k], s1[k], s2[k])
+            conv9(U, W[k], Y, P, top, s1, s2)
+            for o in range(Cout):
+                a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
+            ok = out[k]
+            if last:
+                for p in range(P):
+                    for o in range(Cout):
+                        ok[p, o] = relu(a[o] * top[o, p] + b[o])
+            else:
+                for o in range(Cout):
+                    ao, bo, to, oo = a[o], b[o], top[o], ok[o]
+                    for p in range(P):
+                        oo[p] = relu(ao * to[p] + bo)
 
     @jit
-    def rows(Y, ch, coef, cidx, h, P, top, s1, s2):
+    def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
+        """out[k] [P] = relu(BN(2×2 max of Y[ch[k]] + h[k] · coef[cidx[k]])) (BN of channel ch[k])."""
         K = ch.shape[0]
         N = Y.shape[1]
+        ab = np.empty(2, dtype=Y.dtype)                # the row's scale and shift in the rows' dtype
         for k in range(K):
             y = Y[ch[k]]
             c = coef[cidx[k]]
             hk = h[k]
-            tk = top[k]
+            ok = out[k]
             a1 = y[0] - y[0]
             a2 = a1
             for n in range(P):
@@ -117,7 +157,7 @@ def _compiled():
                 r1 = y[n + P] + hk * c[n + P]
                 r2 = y[n + 2 * P] + hk * c[n + 2 * P]
                 r3 = y[n + 3 * P] + hk * c[n + 3 * P]
-                tk[n] = max(max(r0, r1), max(r2, r3))
+                ok[n] = max(max(r0, r1), max(r2, r3))
                 a1 += (r0 + r1) + (r2 + r3)
                 a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
             yt, ct = y[4 * P:], c[4 * P:]
@@ -127,10 +167,48 @@ def _compiled():
                 r = yt[m] + hk * ct[m]
                 b1 += r
                 b2 += r * r
-            s1[k] = a1 + b1
-            s2[k] = a2 + b2
+            ab[0], ab[1] = scale_shift(mode, a1 + b1, a2 + b2, N, g[ch[k]], bb[ch[k]], eps)
+            a, b = ab[0], ab[1]
+            for n in range(P):
+                ok[n] = relu(a * ok[n] + b)
 
-    return block9, rows
+    @jit
+    def channels_last(y, mode, g, bb, eps, out):
+        """out[k] [B, H/2, W/2, C] = relu(BN(2×2 max of y[k] [B, H, W, C])), statistics over all of y[k]."""
+        K, B, H, W, C = y.shape
+        h, w = H // 2, W // 2
+        n = B * H * W
+        s1 = np.empty(C)
+        s2 = np.empty(C)
+        a = np.empty(C, dtype=y.dtype)
+        b = np.empty(C, dtype=y.dtype)
+        for k in range(K):
+            yk, ok = y[k], out[k]
+            s1[:] = 0.0
+            s2[:] = 0.0
+            for bi in range(B):
+                for i in range(H):
+                    row = yk[bi, i]
+                    for j in range(W):
+                        v = row[j]
+                        for c in range(C):
+                            s1[c] += v[c]
+                            s2[c] += v[c] * v[c]
+                for i in range(h):
+                    r0, r1 = yk[bi, 2 * i], yk[bi, 2 * i + 1]
+                    orow = ok[bi, i]
+                    for j in range(w):
+                        p, q, r, s, t = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], orow[j]
+                        for c in range(C):
+                            t[c] = max(max(p[c], q[c]), max(r[c], s[c]))
+            for c in range(C):
+                a[c], b[c] = scale_shift(mode, s1[c], s2[c], n, g[c], bb[c], eps)
+            flat = ok.reshape(-1, C)
+            for p in range(flat.shape[0]):
+                for c in range(C):
+                    flat[p, c] = relu(a[c] * flat[p, c] + b[c])
+
+    return block9, rows, channels_last
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
@@ -142,29 +220,47 @@ def _np(t: torch.Tensor):
     return t.contiguous().numpy()
 
 
-def block_pool_sums(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y: torch.Tensor,
-                    pooled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a 3×3 conv: 2×2 maxima [K, Cout, pooled], Σ and Σ² [K, Cout] (float64) of ``Y + W_k ⊛ delta_k``.
+def _bn(bn: _BatchNorm | None, C: int, dtype: torch.dtype) -> tuple[int, object, object, float]:
+    """(mode, γ-or-scale, β-or-shift, eps) of a BatchNorm for the loops (see ``scale_shift``)."""
+    if bn is None:
+        one = torch.ones(C, dtype=torch.float64).numpy()
+        return 0, one, one, 0.0
+    w = bn.weight.detach().double() if bn.affine else torch.ones(C, dtype=torch.float64)
+    b = bn.bias.detach().double() if bn.affine else torch.zeros(C, dtype=torch.float64)
+    if bn.training or bn.running_mean is None:
+        return 1, w.numpy(), b.numpy(), float(bn.eps)
+    a = w * (bn.running_var.double() + bn.eps).rsqrt()
+    return 2, a.numpy(), (b - bn.running_mean.double() * a).numpy(), 0.0
+
+
+def block_pool(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, pooled: int,
+               bn: _BatchNorm, channels_last: bool) -> torch.Tensor:
+    """relu(bn(2×2 max of ``Y + W_k ⊛ delta_k``)) for a 3×3 conv: [K, pooled, Cout] (``channels_last``,
+    the layout the next convolution reads fastest) or [K, Cout, pooled].
 
     ``delta`` [K, B·H·W] (one input channel per perturbation), ``index`` the window-major gather
-    index [9·N] (:func:`core.engine.windows.conv_gather_index`), ``W`` [K, Cout, 9], ``Y`` [Cout, N].
+    index [9·N] (:func:`core.engine.windows.conv_gather_index`), ``W`` [K, Cout, 9], ``Y`` [Cout, N]
+    (window-major rows of the cached conv output).
     """
     K, Cout = W.shape[:2]
-    top = delta.new_empty(K, Cout, pooled)
-    s1 = torch.empty(K, Cout, dtype=torch.float64)
-    s2 = torch.empty(K, Cout, dtype=torch.float64)
+    out = delta.new_empty(K, pooled, Cout) if channels_last else delta.new_empty(K, Cout, pooled)
     _compiled()[0](_np(delta.reshape(K, -1)), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
-                   top.numpy(), s1.numpy(), s2.numpy())
-    return top, s1, s2
+                   *_bn(bn, Cout, delta.dtype), channels_last, out.numpy())
+    return out
 
 
-def rows_pool_sums(Y: torch.Tensor, ch: torch.Tensor, coef: torch.Tensor, cidx: torch.Tensor, h: torch.Tensor,
-                   pooled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """2×2 maxima [K, pooled], Σ and Σ² [K] (float64) of the rows ``Y[ch[k]] + h[k] · coef[cidx[k]]``."""
-    K = ch.shape[0]
-    top = Y.new_empty(K, pooled)
-    s1 = torch.empty(K, dtype=torch.float64)
-    s2 = torch.empty(K, dtype=torch.float64)
+def rows_pool(Y: torch.Tensor, ch: torch.Tensor, coef: torch.Tensor, cidx: torch.Tensor, h: torch.Tensor,
+              pooled: int, bn: _BatchNorm | None) -> torch.Tensor:
+    """relu(bn(2×2 max of the rows ``Y[ch[k]] + h[k] · coef[cidx[k]]``)) [K, pooled] (window-major rows)."""
+    out = Y.new_empty(ch.shape[0], pooled)
     _compiled()[1](_np(Y), _np(ch), _np(coef), _np(cidx), _np(h.to(Y.dtype)), pooled,
-                   top.numpy(), s1.numpy(), s2.numpy())
-    return top, s1, s2
+                   *_bn(bn, Y.shape[0], Y.dtype), out.numpy())
+    return out
+
+
+def channels_last_pool(y: torch.Tensor, bn: _BatchNorm) -> torch.Tensor:
+    """relu(bn(2×2 max)) of ``y`` [K, B, H, W, C] (each k normalised with its own statistics)."""
+    K, B, H, W, C = y.shape
+    out = y.new_empty(K, B, H // 2, W // 2, C)
+    _compiled()[2](_np(y), *_bn(bn, C, y.dtype), out.numpy())
+    return out

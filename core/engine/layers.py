@@ -55,34 +55,26 @@ def bn_uses_batch_stats(m: _BatchNorm) -> bool:
     return m.training or m.running_mean is None
 
 
-def bn_scale_shift(m: _BatchNorm, rows: torch.Tensor | None, ch: torch.Tensor | None, dim: int = -1,
-                   sums: tuple[torch.Tensor, torch.Tensor, int, torch.dtype] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(m: _BatchNorm, rows: torch.Tensor, ch: torch.Tensor | None,
+                   dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale ``a`` and shift ``b`` with BN(row) = row·a + b.
 
     ``rows`` [R, N] with row r holding all N = B·|sp| values of channel ``ch[r]``, or
     [K, C, N] with every channel in order (``ch`` None); ``dim``: the dim of the N values
     (``dim=1``: [K, N, C], channels last). Train mode uses each row's own (biased) batch
-    statistics, from Σx and Σx² in two reads of the rows, or from ``sums`` = (Σx, Σx², N, dtype)
-    when a fused loop has them already (float64 sums, results in ``dtype``; ``rows`` is unused).
+    statistics, from Σx and Σx² in two reads of the rows.
     """
     def per_row(t: torch.Tensor) -> torch.Tensor:
         return t.index_select(0, ch) if ch is not None else t
 
     if bn_uses_batch_stats(m):
-        if sums is not None:
-            s1, s2, n, dtype = sums
-            mean = s1 / n
-            var = (s2 / n).sub_(mean.square()).clamp_min_(0.0).to(dtype)
-            mean = mean.to(dtype)
+        n = rows.shape[dim]
+        mean = rows.sum(dim).div_(n)
+        if dim == -1:                                  # vector_norm is fast along the contiguous dim only
+            sq = torch.linalg.vector_norm(rows, dim=-1).square_()
         else:
-            n = rows.shape[dim]
-            mean = rows.sum(dim).div_(n)
-            if dim == -1:                              # vector_norm is fast along the contiguous dim only
-                sq = torch.linalg.vector_norm(rows, dim=-1).square_()
-            else:
-                sq = rows.square().sum(dim)
-            var = sq.div_(n).sub_(mean.square()).clamp_min_(0.0)
+            sq = rows.square().sum(dim)
+        var = sq.div_(n).sub_(mean.square()).clamp_min_(0.0)
     else:
         mean, var = per_row(m.running_mean), per_row(m.running_var).clone()
     a = var.add_(m.eps).rsqrt_()                                               # var is a fresh tensor

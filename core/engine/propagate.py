@@ -102,8 +102,12 @@ class Downstream:
         delta = rep.v - cache.cm(src).index_select(0, rep.idx)                       # [K, B, H, W]
         index = Wn.conv_gather_index(conv, B, H, W, True, delta.device)
         out = chan_through_block(bn, delta, rep.idx, cache.w_by_input(conv), cache.rows(n, True), index,
-                                 (B, Ho, Wo))
+                                 (B, Ho, Wo), channels_last=self._feeds_block(chain.pool))
         return chain.pool, out, inner
+
+    def _feeds_block(self, pool: fx.Node) -> bool:
+        """The pool's one reader is a fused block's conv (which reads channels-last memory fastest)."""
+        return len(pool.users) == 1 and next(iter(pool.users)) in self.blocks
 
     # -- one node -------------------------------------------------------------------------------
     def _propagate(self, node: fx.Node, cache: StepCache, changed: dict[fx.Node, Rep], K: int,

@@ -16,7 +16,7 @@ import core.engine.propagate as P
 from core import CGE
 from core.engine import FastCGE, kernels
 from core.engine import windows as Wn
-from core.engine.blocks import chan_through_block, full_through_block
+from core.engine.blocks import bn_relu_pool_rows, chan_through_block, full_through_block
 from core.engine.graph import Op
 from tests.core.devices import DEVICES
 
@@ -91,7 +91,8 @@ def test_gather_index_is_one_channel_im2col(geometry, windowed):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("side", [7, 8])
-def test_fused_block_equals_its_layers(side, train, device, loops):
+@pytest.mark.parametrize("layout", ["channel-major", "channels-last"])
+def test_fused_block_equals_its_layers(side, train, device, loops, layout):
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 5, 3, padding=1).double().to(device), nn.BatchNorm2d(5).double().to(device)
     bn.running_mean.uniform_(-0.5, 0.5)
@@ -113,24 +114,43 @@ def test_fused_block_equals_its_layers(side, train, device, loops):
         order = Wn.window_order(B, side, side, x.device)
         index = Wn.conv_gather_index(conv, B, side, side, True, x.device)
         one = chan_through_block(bn, delta, ch, conv.weight.transpose(0, 1).flatten(2).contiguous(),
-                                 y.transpose(0, 1).reshape(5, -1)[:, order], index, (B, side, side))
+                                 y.transpose(0, 1).reshape(5, -1)[:, order], index, (B, side, side),
+                                 channels_last=layout == "channels-last")
         full = full_through_block(conv, bn, xs.transpose(1, 2).contiguous())
     torch.testing.assert_close(one.t, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(full.t, expected, rtol=1e-12, atol=1e-12)
 
 
 # -- the compiled loops against PyTorch operators ----------------------------------------------------
-def _window_rows(K, C, B, side, dtype):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(K, C, B * side * side, generator=g, dtype=dtype)
+def _needs_numba():
+    if kernels._compiled() is None:
+        pytest.skip("Numba is not installed")
+
+
+def _bn_in(mode, C, dtype):
+    """A BatchNorm2d in train mode, eval mode (running statistics) or none (None)."""
+    if mode == "none":
+        return None
+    torch.manual_seed(6)
+    bn = nn.BatchNorm2d(C).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn.train(mode == "train")
+
+
+def _tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("side", [7, 8])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_block_loop_equals_matmul_sums_and_maxima(dtype, side, index_dtype):
-    if kernels._compiled() is None:
-        pytest.skip("Numba is not installed")
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last):
+    _needs_numba()
     g = torch.Generator().manual_seed(4)
     K, Cout, B = 5, 3, 2
     conv = nn.Conv2d(1, Cout, 3, padding=1)
@@ -138,33 +158,46 @@ def test_block_loop_equals_matmul_sums_and_maxima(dtype, side, index_dtype):
     W = torch.randn(K, Cout, 9, generator=g, dtype=dtype)
     N, P = B * side * side, B * (side // 2) ** 2
     Y = torch.randn(Cout, N, generator=g, dtype=dtype) + 2.0
-    index = Wn.conv_gather_index(conv, B, side, side, True, delta.device).to(index_dtype)
-    top, s1, s2 = kernels.block_pool_sums(delta, index, W, Y, P)
-    rows = (torch.bmm(W, Wn.im2col_one_channel(delta, index, 9)) + Y).double()        # [K, Cout, N]
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(top.double(), Wn.pool_windows(rows, P), **tol)
-    torch.testing.assert_close(s1, rows.sum(-1), **tol)                               # odd sides: every
-    torch.testing.assert_close(s2, rows.square().sum(-1), **tol)                       # position counts
+    bn = _bn_in(bn_mode, Cout, dtype)
+    index = Wn.conv_gather_index(conv, B, side, side, True, delta.device)
+    out = kernels.block_pool(delta, index.long() if side == 7 else index, W, Y, P, bn, channels_last)
+    rows = torch.bmm(W, Wn.im2col_one_channel(delta, index, 9)) + Y                   # [K, Cout, N]
+    expected = bn_relu_pool_rows(bn, rows, None, P)                                    # [K, Cout, P]
+    torch.testing.assert_close(out.transpose(1, 2) if channels_last else out, expected, **_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rows_loop_equals_torch_and_lets_nan_through(dtype):
-    if kernels._compiled() is None:
-        pytest.skip("Numba is not installed")
+@pytest.mark.parametrize("bn_mode", ["train", "eval", "none"])
+def test_rows_loop_equals_torch_and_lets_nan_through(dtype, bn_mode):
+    _needs_numba()
     g = torch.Generator().manual_seed(5)
     C, N, P = 4, 2 * 7 * 7, 2 * 9
     Y, coef = torch.randn(C, N, generator=g, dtype=dtype), torch.randn(6, N, generator=g, dtype=dtype)
     ch, cidx = torch.tensor([3, 0, 3]), torch.tensor([5, 1, 0])
     h = torch.tensor([0.5, -2.0, 1e-3], dtype=dtype)
-    top, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, P)
-    rows = (Y[ch] + h[:, None] * coef[cidx]).double()
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(top.double(), Wn.pool_windows(rows, P), **tol)
-    torch.testing.assert_close(s1, rows.sum(-1), **tol)
-    torch.testing.assert_close(s2, rows.square().sum(-1), **tol)
+    bn = _bn_in(bn_mode, C, dtype)
+    out = kernels.rows_pool(Y, ch, coef, cidx, h, P, bn)
+    expected = bn_relu_pool_rows(bn, Y[ch] + h[:, None] * coef[cidx], ch, P)
+    torch.testing.assert_close(out, expected, **_tol(dtype))
     Y[3, 4 * P + 1] = float("nan")                                 # a position no window covers
-    _, s1, s2 = kernels.rows_pool_sums(Y, ch, coef, cidx, h, P)
-    assert s1[[0, 2]].isnan().all() and s2[[0, 2]].isnan().all() and not s1[1].isnan()
+    out = kernels.rows_pool(Y, ch, coef, cidx, h, P, bn)
+    if bn_mode == "train":                                         # it enters the statistics
+        assert out[[0, 2]].isnan().all() and not out[1].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+@pytest.mark.parametrize("side", [7, 8])
+def test_channels_last_loop_equals_layers(dtype, bn_mode, side):
+    _needs_numba()
+    g = torch.Generator().manual_seed(7)
+    K, B, C = 3, 2, 5
+    y = torch.randn(K, B, side, side, C, generator=g, dtype=dtype) + 1.0
+    bn = _bn_in(bn_mode, C, dtype)
+    out = kernels.channels_last_pool(y, bn)                                            # [K, B, h, w, C]
+    with torch.no_grad():
+        expected = torch.stack([F.max_pool2d(F.relu(bn(y[k].permute(0, 3, 1, 2))), 2) for k in range(K)])
+    torch.testing.assert_close(out.permute(0, 1, 4, 2, 3), expected, **_tol(dtype))
 
 
 def test_float32_estimate_with_loops_is_as_accurate_as_the_naive_loop(loops):
