@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from core.engine import windows as Wn
@@ -48,28 +47,35 @@ class StepCache:
 
     def rows(self, node: fx.Node, windowed: bool) -> torch.Tensor:
         """``env[node]`` [B, C, *sp] as [C, B·|sp|] rows, natural or (4-D only) window-major."""
-        return self._get(("rows", node, windowed), lambda: self._order(self.cm(node).flatten(1),
-                                                                        self.env[node].shape, windowed))
+        def make():
+            if not windowed:
+                return self.cm(node).flatten(1)
+            v = self.env[node]                                                      # one gather
+            return v.reshape(-1).index_select(0, Wn.window_rows_index(*v.shape, v.device)).view(v.shape[1], -1)
+        return self._get(("rows", node, windowed), make)
 
     def patches(self, node: fx.Node, m: nn.Conv2d, windowed: bool) -> torch.Tensor:
-        """im2col of conv ``node``'s cached input: [C·kh·kw, B·H'·W'] (the output's positions)."""
+        """im2col of conv ``node``'s cached input: [C·kh·kw, B·H'·W'] (the output's positions).
+
+        One gather from the channel-major input (:func:`core.engine.windows.conv_gather_index`),
+        already in window-major order if asked: no unfold, transpose and reorder copies.
+        """
         def make():
-            x = self.env[node.args[0]]
-            U = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)        # [B, C·kh·kw, H'·W']
-            return self._order(U.transpose(0, 1).reshape(U.shape[1], -1), self.env[node].shape, windowed)
+            x = self.cm(node.args[0])                                             # [C, B, H, W]
+            C, B, H, W = x.shape
+            index = Wn.conv_gather_index(m, B, H, W, windowed, x.device)
+            taps = m.kernel_size[0] * m.kernel_size[1]
+            return Wn.im2col_one_channel(x, index, taps).view(C * taps, -1)       # row c·kh·kw + i·kw + j
         return self._get(("patches", node, windowed), make)
 
     def xhat(self, node: fx.Node, m: nn.modules.batchnorm._BatchNorm, windowed: bool) -> torch.Tensor:
         """x̂ of BatchNorm ``node``'s cached input as [C, B·|sp|] rows (per-sample scalars: [C, B])."""
         def make():
-            xc = self.cm(node.args[0])
-            rows = xc.reshape(xc.shape[0], -1)
+            rows = self.rows(node.args[0], windowed)                  # the statistics ignore the order
             if bn_uses_batch_stats(m):
                 c = rows - rows.mean(1, keepdim=True)
-                xh = c * torch.rsqrt(c.square().mean(1, keepdim=True) + m.eps)
-            else:
-                xh = (rows - m.running_mean.unsqueeze(1)) * torch.rsqrt(m.running_var.unsqueeze(1) + m.eps)
-            return self._order(xh, self.env[node].shape, windowed)
+                return c.mul_(torch.rsqrt(c.square().mean(1, keepdim=True) + m.eps))
+            return (rows - m.running_mean.unsqueeze(1)) * torch.rsqrt(m.running_var.unsqueeze(1) + m.eps)
         return self._get(("xhat", node, windowed), make)
 
     def w_by_input(self, m: nn.Conv2d) -> torch.Tensor:
@@ -79,10 +85,3 @@ class StepCache:
     def monotone(self, bn: nn.Module) -> bool:
         """BN → ReLU commutes with max-pooling this step (see :func:`core.engine.blocks.monotone`)."""
         return self._get(("monotone", bn), lambda: monotone(bn))
-
-    @staticmethod
-    def _order(rows: torch.Tensor, shape: torch.Size, windowed: bool) -> torch.Tensor:
-        if not windowed:
-            return rows
-        B, _, H, W = shape
-        return rows.index_select(1, Wn.window_order(B, H, W, rows.device))

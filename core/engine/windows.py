@@ -31,6 +31,15 @@ def window_order(B: int, H: int, W: int, device: torch.device) -> torch.Tensor:
     return torch.cat([*corners, idx[:, rest].reshape(-1)])
 
 
+@functools.lru_cache(maxsize=64)
+def window_rows_index(B: int, C: int, H: int, W: int, device: torch.device) -> torch.Tensor:
+    """[C·B·H·W] flat indices into a [B, C, H, W] tensor: its rows [C, B·H·W] in window-major order."""
+    order = window_order(B, H, W, device)
+    b, s = torch.div(order, H * W, rounding_mode="floor"), order % (H * W)
+    index = (b * (C * H * W) + s).unsqueeze(0) + (torch.arange(C, device=device) * (H * W)).unsqueeze(1)
+    return index.reshape(-1)
+
+
 def pool_windows(rows: torch.Tensor, pooled: int) -> torch.Tensor:
     """2×2 max-pool of window-major ``rows`` [..., N]: [..., pooled] (``pooled`` = B·(H//2)·(W//2))."""
     return rows[..., :4 * pooled].unflatten(-1, (4, pooled)).amax(-2)
