@@ -21,6 +21,8 @@ statistics come from the unpooled x).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from core.engine.layers import bn_scale_shift, maxpool2x2
 from core.engine.reps import Chan, Full
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
+Scratch = Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]
 
 
 def monotone(bn: _BatchNorm) -> bool:
@@ -52,19 +55,22 @@ def bn_relu_pool_rows(bn: _BatchNorm | None, rows: torch.Tensor, ch: torch.Tenso
 
 
 def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, coef: torch.Tensor | None,
-                    cidx: torch.Tensor | None, h: torch.Tensor, pooled_shape: tuple[int, int, int]) -> Chan:
+                    cidx: torch.Tensor | None, h: torch.Tensor, pooled_shape: tuple[int, int, int],
+                    scratch: Scratch | None = None) -> Chan:
     """A coordinate source at a block's conv (or BatchNorm) as the Chan it makes at the pool.
 
     Perturbation k sets channel ``ch[k]`` to ``Y[ch[k]] + h[k] · coef[cidx[k]]`` (``coef`` None:
     ``+ h[k]``, a bias); ``Y`` and ``coef`` are rows in window-major order. ``bn`` None: the rows
-    are already normalised (a BatchNorm coordinate's own output).
+    are already normalised (a BatchNorm coordinate's own output). ``scratch(shape, like)``: a
+    reusable buffer for the compiled loop's output.
     """
     B, Hp, Wp = pooled_shape
     pooled = B * Hp * Wp
     if kernels.enabled(Y):
         if coef is None:
             coef, cidx = Y.new_ones(1, Y.shape[1]), torch.zeros_like(ch)
-        out = kernels.rows_pool(Y, ch, coef, cidx, h, pooled, bn)
+        out = kernels.rows_pool(Y, ch, coef, cidx, h, pooled, bn,
+                                scratch((len(ch), pooled), Y) if scratch is not None else None)
     else:
         rows = Y.index_select(0, ch)
         rows = rows.add_(h.unsqueeze(1)) if coef is None else \
@@ -75,7 +81,7 @@ def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, co
 
 def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_by_input: torch.Tensor,
                        y_windows: torch.Tensor, index: torch.Tensor, out_shape: tuple[int, int, int],
-                       channels_last: bool = False) -> Full:
+                       channels_last: bool = False, scratch: Scratch | None = None) -> Full:
     """A block whose conv input changed in one channel per perturbation: ``ch[k]`` by ``delta[k]``.
 
     Args:
@@ -86,6 +92,7 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
         out_shape: (B, H', W') of the conv output.
         channels_last: lay the result out in channels-last memory (the next layer is a
             convolution, :func:`full_through_block`); the compiled loop only.
+        scratch: ``scratch(shape, like)`` gives a reusable buffer for the loop's output.
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
     multiply-adds (the floor of a one-channel change), in one fused loop for a 3×3 kernel on a CPU
@@ -97,7 +104,9 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
     pooled = B * (Ho // 2) * (Wo // 2)
     W = w_by_input.index_select(0, ch)                                                   # [K, Cout, taps]
     if taps == 9 and kernels.enabled(delta, y_windows):
-        out = kernels.block_pool(delta, index, W, y_windows, pooled, bn, channels_last)
+        shape = (K, pooled, W.shape[1]) if channels_last else (K, W.shape[1], pooled)
+        out = kernels.block_pool(delta, index, W, y_windows, pooled, bn, channels_last,
+                                 scratch(shape, delta) if scratch is not None else None)
         if channels_last:                                                                # [K, pooled, Cout]
             return Full(out.view(K, B, Ho // 2, Wo // 2, -1).permute(0, 4, 1, 2, 3))
         return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
@@ -107,7 +116,7 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
     return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
 
 
-def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor) -> Full:
+def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor, scratch: Scratch | None = None) -> Full:
     """A block whose conv input changed everywhere: ``t`` [K, C, B, H, W] -> pool output (Full).
 
     The convolution runs on channels-last memory (oneDNN's fastest layout here); the statistics
@@ -119,7 +128,8 @@ def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor) -> Full
     Ho, Wo, Cout = y.shape[1:]
     y = y.reshape(K, B, Ho, Wo, Cout)
     if kernels.enabled(y):
-        return Full(kernels.channels_last_pool(y, bn).permute(0, 4, 1, 2, 3))
+        out = scratch((K, B, Ho // 2, Wo // 2, Cout), y) if scratch is not None else None
+        return Full(kernels.channels_last_pool(y, bn, out).permute(0, 4, 1, 2, 3))
     a, b = bn_scale_shift(bn, y.reshape(K, -1, Cout), None, dim=1)                     # [K, Cout]
     top = maxpool2x2(y.movedim(4, 2)).flatten(3).transpose(2, 3)                        # [K, B, h·w, Cout]
     out = torch.addcmul(b.reshape(-1, 1, 1, Cout), top, a.reshape(-1, 1, 1, Cout)).relu_()   # a, b: [K or 1, Cout]

@@ -234,33 +234,34 @@ def _bn(bn: _BatchNorm | None, C: int, dtype: torch.dtype) -> tuple[int, object,
 
 
 def block_pool(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, pooled: int,
-               bn: _BatchNorm, channels_last: bool) -> torch.Tensor:
+               bn: _BatchNorm, channels_last: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """relu(bn(2×2 max of ``Y + W_k ⊛ delta_k``)) for a 3×3 conv: [K, pooled, Cout] (``channels_last``,
     the layout the next convolution reads fastest) or [K, Cout, pooled].
 
     ``delta`` [K, B·H·W] (one input channel per perturbation), ``index`` the window-major gather
     index [9·N] (:func:`core.engine.windows.conv_gather_index`), ``W`` [K, Cout, 9], ``Y`` [Cout, N]
-    (window-major rows of the cached conv output).
+    (window-major rows of the cached conv output). ``out``: where to write (else a new tensor).
     """
     K, Cout = W.shape[:2]
-    out = delta.new_empty(K, pooled, Cout) if channels_last else delta.new_empty(K, Cout, pooled)
+    if out is None:
+        out = delta.new_empty(K, pooled, Cout) if channels_last else delta.new_empty(K, Cout, pooled)
     _compiled()[0](_np(delta.reshape(K, -1)), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
                    *_bn(bn, Cout, delta.dtype), channels_last, out.numpy())
     return out
 
 
 def rows_pool(Y: torch.Tensor, ch: torch.Tensor, coef: torch.Tensor, cidx: torch.Tensor, h: torch.Tensor,
-              pooled: int, bn: _BatchNorm | None) -> torch.Tensor:
+              pooled: int, bn: _BatchNorm | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """relu(bn(2×2 max of the rows ``Y[ch[k]] + h[k] · coef[cidx[k]]``)) [K, pooled] (window-major rows)."""
-    out = Y.new_empty(ch.shape[0], pooled)
+    out = Y.new_empty(ch.shape[0], pooled) if out is None else out
     _compiled()[1](_np(Y), _np(ch), _np(coef), _np(cidx), _np(h.to(Y.dtype)), pooled,
                    *_bn(bn, Y.shape[0], Y.dtype), out.numpy())
     return out
 
 
-def channels_last_pool(y: torch.Tensor, bn: _BatchNorm) -> torch.Tensor:
+def channels_last_pool(y: torch.Tensor, bn: _BatchNorm, out: torch.Tensor | None = None) -> torch.Tensor:
     """relu(bn(2×2 max)) of ``y`` [K, B, H, W, C] (each k normalised with its own statistics)."""
     K, B, H, W, C = y.shape
-    out = y.new_empty(K, B, H // 2, W // 2, C)
+    out = y.new_empty(K, B, H // 2, W // 2, C) if out is None else out
     _compiled()[2](_np(y), *_bn(bn, C, y.dtype), out.numpy())
     return out

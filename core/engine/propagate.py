@@ -94,7 +94,7 @@ class Downstream:
             return (chain.pool, out, inner) if out is not None else None
         conv, src = self.root.get_submodule(n.target), n.args[0]
         if isinstance(rep, Full) and rep.t.dim() == 5:
-            return chain.pool, full_through_block(conv, bn, rep.t), inner
+            return chain.pool, full_through_block(conv, bn, rep.t, self._scratch(cache, chain.pool)), inner
         if not (isinstance(rep, Chan) and rep.v.dim() == 4):
             return None
         B, _, H, W = cache.env[src].shape
@@ -102,8 +102,14 @@ class Downstream:
         delta = rep.v - cache.cm(src).index_select(0, rep.idx)                       # [K, B, H, W]
         index = Wn.conv_gather_index(conv, B, H, W, True, delta.device)
         out = chan_through_block(bn, delta, rep.idx, cache.w_by_input(conv), cache.rows(n, True), index,
-                                 (B, Ho, Wo), channels_last=self._feeds_block(chain.pool))
+                                 (B, Ho, Wo), channels_last=self._feeds_block(chain.pool),
+                                 scratch=self._scratch(cache, chain.pool))
         return chain.pool, out, inner
+
+    @staticmethod
+    def _scratch(cache: StepCache, node: fx.Node):
+        """The reusable output buffer of the fused block ending at ``node`` (see :meth:`StepCache.scratch`)."""
+        return lambda shape, like: cache.scratch(node, shape, like)
 
     def _feeds_block(self, pool: fx.Node) -> bool:
         """The pool's one reader is a fused block's conv (which reads channels-last memory fastest)."""

@@ -84,7 +84,8 @@ def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCach
         bn = None if chain.bn is node else cache.root.get_submodule(chain.bn.target)
         if bn is None or cache.monotone(bn):
             B, _, H, W = cache.env[node].shape
-            return chain.pool, chan_from_terms(bn, *_terms(plan, idx, cache, windowed=True), h, (B, H // 2, W // 2))
+            return chain.pool, chan_from_terms(bn, *_terms(plan, idx, cache, windowed=True), h, (B, H // 2, W // 2),
+                                               lambda shape, like: cache.scratch(chain.pool, shape, like))
     ch, rows = _rows(plan, idx, h, cache, windowed=False)
     if plan.per_sample_dims == 1:
         return node, Feat(ch.unsqueeze(1), rows.unsqueeze(1))
