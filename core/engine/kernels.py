@@ -1,25 +1,33 @@
-"""Fused CPU loops for the two hot spots of a fused block, compiled by Numba when it is installed.
+"""Fused CPU loops for a perturbed conv → BatchNorm → ReLU → 2×2 max-pool block (Numba).
 
 With PyTorch operators alone a perturbed block makes one pass over memory per operator: the
 batched matmul writes the conv output rows, BatchNorm's Σx and Σx² read them twice, the 2×2
-maximum once more. The rows of K perturbations (K·C·B·H·W values) outgrow the caches, so each pass
-runs at memory speed, and together they cost several times the matmul. Here one loop per row
-computes the row, its Σx and Σx², and its 2×2 maxima while the values are in registers:
+maximum once more, then scale, shift and ReLU, and the next convolution's layout change. The rows
+of K perturbations (K·C·B·H·W values) outgrow the caches, so each pass runs at memory speed, and
+together they cost several times the matmul. Here one loop per row computes the row, its Σx and
+Σx² and its 2×2 maxima while the values are in registers, then normalises the maxima:
 
-- :func:`block_pool_sums` — the next conv of a one-channel change (:func:`core.engine.blocks.
+- :func:`block_pool` — the next conv of a one-channel change (:func:`core.engine.blocks.
   chan_through_block`): row o of perturbation k is ``Y[o] + Σ_t W[k, o, t] · U_k[t]``, with U_k the
-  one-channel im2col of the change (gathered once per k into a small buffer) and a 3×3 kernel
-  (9 taps, unrolled so the loop over positions vectorises);
-- :func:`rows_pool_sums` — a coordinate's own layer (:mod:`core.engine.sources`): row k is
-  ``Y[ch[k]] + h[k] · coef[cidx[k]]``.
+  one-channel im2col of the change (gathered once per k into a cache-resident buffer) and a 3×3
+  kernel (9 taps, unrolled so the loop over positions vectorises); the result is written
+  channel-major or, when a convolution reads it next, channels-last;
+- :func:`rows_pool` — a coordinate's own layer (:mod:`core.engine.sources`): row k is
+  ``Y[ch[k]] + h[k] · coef[cidx[k]]``;
+- :func:`channels_last_pool` — a block whose every channel changed, after the convolution itself
+  (:func:`core.engine.blocks.full_through_block`).
 
-Both read and write window-major rows (:mod:`core.engine.windows`): the 2×2 maximum of a row is
-the maximum of its four quarters. The sums accumulate in the rows' dtype across SIMD lanes and
-are returned in float64; their rounding is of the same order as PyTorch's ``sum``.
+The rows are window-major (:mod:`core.engine.windows`): the 2×2 maximum of a row is the maximum
+of its four quarters. Sums accumulate in the rows' dtype across SIMD lanes (rounding of the order
+of PyTorch's ``sum``); BatchNorm's mean, variance, scale and shift are formed in float64. Train-
+mode BatchNorm uses each perturbation's own statistics, eval mode the running ones.
 
 No Numba (or a GPU tensor, or another dtype): :func:`enabled` is False and the engine uses the
 PyTorch operators, which give the same values up to rounding. ``DEEPZERO_KERNELS=0`` in the
-environment (or ``core.engine.kernels.use = False``) turns the loops off. The first call per dtype compiles (about a second) and caches the machine code on disk.
+environment (or ``core.engine.kernels.use = False``) turns the loops off. The first use per dtype
+compiles them (about 5 s on one core) and Numba caches the machine code on disk (next to
+:mod:`core.engine._loops`, or in its user cache when that folder is read-only), so later
+processes load it in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -36,179 +44,12 @@ use = os.environ.get("DEEPZERO_KERNELS", "1") != "0"     # False: always the PyT
 
 @functools.cache
 def _compiled():
-    """The compiled loops, or None when Numba is missing."""
+    """The compiled loops (block, rows, channels-last), or None when Numba is missing."""
     try:
-        import numba
-        import numpy as np
+        from core.engine import _loops
     except ImportError:
         return None
-    # reassoc/contract: the reductions may use SIMD lanes and FMAs; no 'nnan': a NaN still reaches the sums
-    jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True)
-
-    @jit
-    def scale_shift(mode, s1, s2, n, g, b, eps):
-        """(a, b) with BN(x) = a·x + b for one row: mode 0 none, 1 batch statistics, 2 given (g, b)."""
-        if mode == 0:
-            return 1.0, 0.0
-        if mode == 2:
-            return g, b
-        mean = s1 / n
-        var = max(s2 / n - mean * mean, 0.0)
-        a = g / np.sqrt(var + eps)
-        return a, b - mean * a
-
-    @jit
-    def relu(v):
-        return v if not v < 0 else v - v             # a NaN stays NaN
-
-    @jit
-    def gather(d, index, U):                         # U[t, n] = d[index[t, n]]: one-channel im2col
-        for t in range(index.shape[0]):
-            for n in range(index.shape[1]):
-                U[t, n] = d[index[t, n]]
-
-    @jit
-    def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w):
-        """(Σ, Σ²) of the positions no window covers (odd sides); 1-D slices from 0 vectorise."""
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-        a1 = w0 - w0
-        a2 = a1
-        for m in range(y.shape[0]):
-            r = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-            a1 += r
-            a2 += r * r
-        return a1, a2
-
-    @jit
-    def conv9(U, W, Y, P, top, s1, s2):             # one perturbation: W [Cout, 9], U [9, N]
-        u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
-        for o in range(W.shape[0]):
-            w = W[o]
-            w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-            y = Y[o]
-            tk = top[o]
-            a1 = y[0] - y[0]                         # zero in the rows' dtype
-            a2 = a1
-            for n in range(P):
-                m = n + P
-                r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
-                    + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
-                r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                m += P
-                r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                m += P
-                r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                    + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-                tk[n] = max(max(r0, r1), max(r2, r3))
-                a1 += (r0 + r1) + (r2 + r3)
-                a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-            e = 4 * P
-            b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
-            s1[o] = a1 + b1
-            s2[o] = a2 + b2
-
-    @jit
-    def block9(delta, index, W, Y, P, mode, g, bb, eps, last, out):
-        """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ delta[k])): [P, Cout] (``last``) or [Cout, P]."""
-        K, Cout = W.shape[0], W.shape[1]
-        N = Y.shape[1]
-        U = np.empty((9, N), dtype=delta.dtype)      # one perturbation's im2col stays in cache
-        d = np.zeros(delta.shape[1] + 1, dtype=delta.dtype)   # the change, then the padding's zero
-        top = np.empty((Cout, P), dtype=delta.dtype)
-        s1 = np.empty(Cout)
-        s2 = np.empty(Cout)
-        a = np.empty(Cout, dtype=delta.dtype)
-        b = np.empty(Cout, dtype=delta.dtype)
-        for k in range(K):
-            d[:-1] = delta[k]
-            gather(d, index, U)
-            conv9(U, W[k], Y, P, top, s1, s2)
-            for o in range(Cout):
-                a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
-            ok = out[k]
-            if last:
-                for p in range(P):
-                    for o in range(Cout):
-                        ok[p, o] = relu(a[o] * top[o, p] + b[o])
-            else:
-                for o in range(Cout):
-                    ao, bo, to, oo = a[o], b[o], top[o], ok[o]
-                    for p in range(P):
-                        oo[p] = relu(ao * to[p] + bo)
-
-    @jit
-    def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
-        """out[k] [P] = relu(BN(2×2 max of Y[ch[k]] + h[k] · coef[cidx[k]])) (BN of channel ch[k])."""
-        K = ch.shape[0]
-        N = Y.shape[1]
-        ab = np.empty(2, dtype=Y.dtype)                # the row's scale and shift in the rows' dtype
-        for k in range(K):
-            y = Y[ch[k]]
-            c = coef[cidx[k]]
-            hk = h[k]
-            ok = out[k]
-            a1 = y[0] - y[0]
-            a2 = a1
-            for n in range(P):
-                r0 = y[n] + hk * c[n]
-                r1 = y[n + P] + hk * c[n + P]
-                r2 = y[n + 2 * P] + hk * c[n + 2 * P]
-                r3 = y[n + 3 * P] + hk * c[n + 3 * P]
-                ok[n] = max(max(r0, r1), max(r2, r3))
-                a1 += (r0 + r1) + (r2 + r3)
-                a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-            yt, ct = y[4 * P:], c[4 * P:]
-            b1 = a1 - a1
-            b2 = b1
-            for m in range(N - 4 * P):
-                r = yt[m] + hk * ct[m]
-                b1 += r
-                b2 += r * r
-            ab[0], ab[1] = scale_shift(mode, a1 + b1, a2 + b2, N, g[ch[k]], bb[ch[k]], eps)
-            a, b = ab[0], ab[1]
-            for n in range(P):
-                ok[n] = relu(a * ok[n] + b)
-
-    @jit
-    def channels_last(y, mode, g, bb, eps, out):
-        """out[k] [B, H/2, W/2, C] = relu(BN(2×2 max of y[k] [B, H, W, C])), statistics over all of y[k]."""
-        K, B, H, W, C = y.shape
-        h, w = H // 2, W // 2
-        n = B * H * W
-        s1 = np.empty(C)
-        s2 = np.empty(C)
-        a = np.empty(C, dtype=y.dtype)
-        b = np.empty(C, dtype=y.dtype)
-        for k in range(K):
-            yk, ok = y[k], out[k]
-            s1[:] = 0.0
-            s2[:] = 0.0
-            for bi in range(B):
-                for i in range(H):
-                    row = yk[bi, i]
-                    for j in range(W):
-                        v = row[j]
-                        for c in range(C):
-                            s1[c] += v[c]
-                            s2[c] += v[c] * v[c]
-                for i in range(h):
-                    r0, r1 = yk[bi, 2 * i], yk[bi, 2 * i + 1]
-                    orow = ok[bi, i]
-                    for j in range(w):
-                        p, q, r, s, t = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], orow[j]
-                        for c in range(C):
-                            t[c] = max(max(p[c], q[c]), max(r[c], s[c]))
-            for c in range(C):
-                a[c], b[c] = scale_shift(mode, s1[c], s2[c], n, g[c], bb[c], eps)
-            flat = ok.reshape(-1, C)
-            for p in range(flat.shape[0]):
-                for c in range(C):
-                    flat[p, c] = relu(a[c] * flat[p, c] + b[c])
-
-    return block9, rows, channels_last
+    return _loops.block9, _loops.rows, _loops.channels_last
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
