@@ -120,6 +120,9 @@ class FastCGE(Downstream):
         self.rules = {n: rule for n in self.nodes if self.ops[n] is G.Op.MODULE
                       and (rule := L.rule_for(self.root.get_submodule(n.target))) is not None}
         self.chains, self.blocks = G.find_blocks(self.nodes, self.root, inplace)
+        # pools whose one reader is a fused block's conv: their perturbed values go channels-last
+        self.feeds_block = {c.pool for c in self.chains.values()
+                            if len(c.pool.users) == 1 and next(iter(c.pool.users)) in self.blocks}
         self.after = _Descendants(self.nodes)
         self.params = self._owners()
         in_chains = {n for c in self.chains.values() for n in (c.relu,)}

@@ -47,6 +47,9 @@ class Downstream:
     ops: dict[fx.Node, Op]
     rules: dict[fx.Node, L.Rule]                   # each layer's closed form (core.engine.layers.rule_for)
     inplace_modules: set[fx.Node]
+    blocks: dict[fx.Node, Any]                     # conv node -> its fused block (core.engine.graph)
+    chains: dict[fx.Node, Any]                     # BatchNorm node -> its pool chain
+    feeds_block: set[fx.Node]                      # pools read only by a block's conv
 
     def evaluate(self, start: fx.Node, rep: Rep, cache: StepCache, y: Any) -> torch.Tensor:
         """Losses [K] of K perturbations whose effect at node ``start`` is ``rep``."""
@@ -102,7 +105,7 @@ class Downstream:
         delta = rep.v - cache.cm(src).index_select(0, rep.idx)                       # [K, B, H, W]
         index = Wn.conv_gather_index(conv, B, H, W, True, delta.device)
         out = chan_through_block(bn, delta, rep.idx, cache.w_by_input(conv), cache.rows(n, True), index,
-                                 (B, Ho, Wo), channels_last=self._feeds_block(chain.pool),
+                                 (B, Ho, Wo), channels_last=chain.pool in self.feeds_block,
                                  scratch=self._scratch(cache, chain.pool))
         return chain.pool, out, inner
 
@@ -110,10 +113,6 @@ class Downstream:
     def _scratch(cache: StepCache, node: fx.Node):
         """The reusable output buffer of the fused block ending at ``node`` (see :meth:`StepCache.scratch`)."""
         return lambda shape, like: cache.scratch(node, shape, like)
-
-    def _feeds_block(self, pool: fx.Node) -> bool:
-        """The pool's one reader is a fused block's conv (which reads channels-last memory fastest)."""
-        return len(pool.users) == 1 and next(iter(pool.users)) in self.blocks
 
     # -- one node -------------------------------------------------------------------------------
     def _propagate(self, node: fx.Node, cache: StepCache, changed: dict[fx.Node, Rep], K: int,
