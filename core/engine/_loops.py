@@ -49,34 +49,77 @@ def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w):
 
 
 @jit
-def conv9(U, W, Y, P, top, s1, s2):             # one perturbation: W [Cout, 9], U [9, N]
+def one9(U, w, y, P, tk):
+    """Output channel with weights ``w`` [9] and cached row ``y``: 2×2 maxima into ``tk``, (Σ, Σ²)."""
     u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
-    for o in range(W.shape[0]):
-        w = W[o]
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-        y = Y[o]
-        tk = top[o]
-        a1 = y[0] - y[0]                         # zero in the rows' dtype
-        a2 = a1
-        for n in range(P):
-            m = n + P
-            r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
-                + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
-            r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-            m += P
-            r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-            m += P
-            r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-                + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-            tk[n] = max(max(r0, r1), max(r2, r3))
-            a1 += (r0 + r1) + (r2 + r3)
-            a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-        e = 4 * P
-        b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
-        s1[o] = a1 + b1
-        s2[o] = a2 + b2
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    a1 = y[0] - y[0]                             # zero in the rows' dtype
+    a2 = a1
+    for n in range(P):
+        m = n + P
+        r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
+            + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
+        r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+        m += P
+        r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+        m += P
+        r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
+            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+        tk[n] = max(max(r0, r1), max(r2, r3))
+        a1 += (r0 + r1) + (r2 + r3)
+        a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
+    e = 4 * P
+    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
+    return a1 + b1, a2 + b2
+
+
+@jit
+def two9(U, w, v, y, z, P, tk, tl):
+    """Two output channels at once (weights ``w``, ``v``): each im2col value is loaded once for both."""
+    u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    v0, v1, v2, v3, v4, v5, v6, v7, v8 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
+    a1 = y[0] - y[0]
+    a2, c1, c2 = a1, a1, a1
+    for n in range(P):
+        m = n
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
+        r0 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q0 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        m += P
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
+        r1 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q1 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        m += P
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
+        r2 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q2 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        m += P
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
+        r3 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q3 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        tk[n] = max(max(r0, r1), max(r2, r3))
+        tl[n] = max(max(q0, q1), max(q2, q3))
+        a1 += (r0 + r1) + (r2 + r3)
+        a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
+        c1 += (q0 + q1) + (q2 + q3)
+        c2 += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
+    e = 4 * P
+    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
+    d1, d2 = tail(z[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], v)
+    return a1 + b1, a2 + b2, c1 + d1, c2 + d2
+
+
+@jit
+def conv9(U, W, Y, P, top, s1, s2):
+    """One perturbation: W [Cout, 9], U [9, N] -> 2×2 maxima ``top`` [Cout, P], Σ and Σ² [Cout]."""
+    Cout = W.shape[0]
+    for o in range(0, Cout - 1, 2):
+        s1[o], s2[o], s1[o + 1], s2[o + 1] = two9(U, W[o], W[o + 1], Y[o], Y[o + 1], P, top[o], top[o + 1])
+    if Cout % 2:
+        s1[Cout - 1], s2[Cout - 1] = one9(U, W[Cout - 1], Y[Cout - 1], P, top[Cout - 1])
 
 
 @jit
