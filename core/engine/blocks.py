@@ -96,7 +96,7 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
     multiply-adds (the floor of a one-channel change), in one fused loop for a 3×3 kernel on a CPU
-    (:func:`core.engine.kernels.block_pool_sums`), else a batched matmul and three reads of the rows.
+    (:func:`core.engine.kernels.block_pool`), else a batched matmul and three reads of the rows.
     """
     K = delta.shape[0]
     taps = w_by_input.shape[2]
@@ -116,7 +116,8 @@ def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_
     return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
 
 
-def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor, scratch: Scratch | None = None) -> Full:
+def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor,
+                       scratch: Scratch | None = None) -> Full:
     """A block whose conv input changed everywhere: ``t`` [K, C, B, H, W] -> pool output (Full).
 
     The convolution runs on channels-last memory (oneDNN's fastest layout here); the statistics

@@ -54,7 +54,8 @@ def _compiled():
 
 def enabled(*tensors: torch.Tensor) -> bool:
     """The loops can run on these tensors (CPU, float32/float64, Numba present and :data:`use` on)."""
-    return use and all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors) and _compiled() is not None
+    cpu = all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors)
+    return use and cpu and _compiled() is not None
 
 
 def _np(t: torch.Tensor):

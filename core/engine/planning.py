@@ -79,7 +79,8 @@ class ShapePlanner:
         return {conv: (conv, b.chain.bn, b.chain.relu) for conv, b in self.engine.blocks.items()
                 if root.get_submodule(conv.target).weight[0, 0].numel() == 9}
 
-    def _width(self, node: fx.Node, env: dict[fx.Node, Any], fused: dict[fx.Node, tuple[fx.Node, ...]]) -> int:
+    def _width(self, node: fx.Node, env: dict[fx.Node, Any],
+               fused: dict[fx.Node, tuple[fx.Node, ...]]) -> int:
         """Per-sample elements of the widest *fully perturbed* activation after ``node``.
 
         Until the first channel-mixing layer a coordinate's change stays in one channel, so those

@@ -111,7 +111,7 @@ class Downstream:
 
     @staticmethod
     def _scratch(cache: StepCache, node: fx.Node):
-        """The reusable output buffer of the fused block ending at ``node`` (see :meth:`StepCache.scratch`)."""
+        """The reusable output buffer of the fused block ending at ``node`` (:meth:`StepCache.scratch`)."""
         return lambda shape, like: cache.scratch(node, shape, like)
 
     # -- one node -------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ def _rows(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCache
     """(channel of each perturbation [K], its new values [K, B·|sp|]) for conv/BN/bias coordinates."""
     ch, y, coef, cidx = _terms(plan, idx, cache, windowed)
     rows = y.index_select(0, ch)
-    return ch, rows.add_(h.unsqueeze(1)) if coef is None else rows.addcmul_(coef.index_select(0, cidx), h.unsqueeze(1))
+    if coef is None:
+        return ch, rows.add_(h.unsqueeze(1))
+    return ch, rows.addcmul_(coef.index_select(0, cidx), h.unsqueeze(1))
 
 
 def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCache) -> tuple[fx.Node, Rep]:
@@ -84,8 +86,11 @@ def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCach
         bn = None if chain.bn is node else cache.root.get_submodule(chain.bn.target)
         if bn is None or cache.monotone(bn):
             B, _, H, W = cache.env[node].shape
-            return chain.pool, chan_from_terms(bn, *_terms(plan, idx, cache, windowed=True), h, (B, H // 2, W // 2),
-                                               lambda shape, like: cache.scratch(chain.pool, shape, like))
+
+            def scratch(shape, like):                                           # this block's buffer
+                return cache.scratch(chain.pool, shape, like)
+            terms = _terms(plan, idx, cache, windowed=True)
+            return chain.pool, chan_from_terms(bn, *terms, h, (B, H // 2, W // 2), scratch)
     ch, rows = _rows(plan, idx, h, cache, windowed=False)
     if plan.per_sample_dims == 1:
         return node, Feat(ch.unsqueeze(1), rows.unsqueeze(1))

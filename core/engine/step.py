@@ -51,7 +51,8 @@ class StepCache:
             if not windowed:
                 return self.cm(node).flatten(1)
             v = self.env[node]                                                      # one gather
-            return v.reshape(-1).index_select(0, Wn.window_rows_index(*v.shape, v.device)).view(v.shape[1], -1)
+            index = Wn.window_rows_index(*v.shape, v.device)
+            return v.reshape(-1).index_select(0, index).view(v.shape[1], -1)
         return self._get(("rows", node, windowed), make)
 
     def patches(self, node: fx.Node, m: nn.Conv2d, windowed: bool) -> torch.Tensor:
