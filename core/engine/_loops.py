@@ -11,7 +11,13 @@ jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True
 
 @jit
 def scale_shift(mode, s1, s2, n, g, b, eps):
-    """(a, b) with BN(x) = a·x + b for one row: mode 0 none, 1 batch statistics, 2 given (g, b)."""
+    """(a, b) with BN(x) = a·x + b for one row: mode 0 none, 1 batch statistics, 2 given (g, b).
+
+    A NaN in the row (its Σ is NaN) makes the whole row NaN in every mode: the 2×2 maxima, which
+    may pass over a NaN, must not hide it (the loss is then NaN, as through the layers).
+    """
+    if s1 != s1:
+        return s1, s1
     if mode == 0:
         return 1.0, 0.0
     if mode == 2:
@@ -23,8 +29,10 @@ def scale_shift(mode, s1, s2, n, g, b, eps):
 
 
 @jit
-def relu(v):
-    return v if not v < 0 else v - v             # a NaN stays NaN
+def relu(v, zero):
+    return v if not v < 0 else zero              # a NaN stays NaN; −inf gives 0, as in torch
+
+
 
 
 @jit
@@ -35,11 +43,11 @@ def gather(d, index, U):                         # U[t, n] = d[index[t, n]]: one
 
 
 @jit
-def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w):
+def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w, zero):
     """(Σ, Σ²) of the positions no window covers (odd sides); 1-D slices from 0 vectorise."""
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-    a1 = w0 - w0
-    a2 = a1
+    a1 = zero
+    a2 = zero
     for m in range(y.shape[0]):
         r = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
             + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
@@ -49,12 +57,12 @@ def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w):
 
 
 @jit
-def one9(U, w, y, P, tk):
+def one9(U, w, y, P, tk, zero):
     """Output channel with weights ``w`` [9] and cached row ``y``: 2×2 maxima into ``tk``, (Σ, Σ²)."""
     u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-    a1 = y[0] - y[0]                             # zero in the rows' dtype
-    a2 = a1
+    a1 = zero
+    a2 = zero
     for n in range(P):
         m = n + P
         r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
@@ -71,18 +79,17 @@ def one9(U, w, y, P, tk):
         a1 += (r0 + r1) + (r2 + r3)
         a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
     e = 4 * P
-    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
+    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w, zero)
     return a1 + b1, a2 + b2
 
 
 @jit
-def two9(U, w, v, y, z, P, tk, tl):
+def two9(U, w, v, y, z, P, tk, tl, zero):
     """Two output channels at once (weights ``w``, ``v``): each im2col value is loaded once for both."""
     u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
     v0, v1, v2, v3, v4, v5, v6, v7, v8 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
-    a1 = y[0] - y[0]
-    a2, c1, c2 = a1, a1, a1
+    a1, a2, c1, c2 = zero, zero, zero, zero
     for n in range(P):
         m = n
         x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
@@ -107,19 +114,19 @@ def two9(U, w, v, y, z, P, tk, tl):
         c1 += (q0 + q1) + (q2 + q3)
         c2 += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
     e = 4 * P
-    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w)
-    d1, d2 = tail(z[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], v)
+    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w, zero)
+    d1, d2 = tail(z[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], v, zero)
     return a1 + b1, a2 + b2, c1 + d1, c2 + d2
 
 
 @jit
-def conv9(U, W, Y, P, top, s1, s2):
+def conv9(U, W, Y, P, top, s1, s2, zero):
     """One perturbation: W [Cout, 9], U [9, N] -> 2×2 maxima ``top`` [Cout, P], Σ and Σ² [Cout]."""
     Cout = W.shape[0]
     for o in range(0, Cout - 1, 2):
-        s1[o], s2[o], s1[o + 1], s2[o + 1] = two9(U, W[o], W[o + 1], Y[o], Y[o + 1], P, top[o], top[o + 1])
+        s1[o], s2[o], s1[o + 1], s2[o + 1] = two9(U, W[o], W[o + 1], Y[o], Y[o + 1], P, top[o], top[o + 1], zero)
     if Cout % 2:
-        s1[Cout - 1], s2[Cout - 1] = one9(U, W[Cout - 1], Y[Cout - 1], P, top[Cout - 1])
+        s1[Cout - 1], s2[Cout - 1] = one9(U, W[Cout - 1], Y[Cout - 1], P, top[Cout - 1], zero)
 
 
 @jit
@@ -129,6 +136,7 @@ def block9(delta, index, W, Y, P, mode, g, bb, eps, last, out):
     N = Y.shape[1]
     U = np.empty((9, N), dtype=delta.dtype)      # one perturbation's im2col stays in cache
     d = np.zeros(delta.shape[1] + 1, dtype=delta.dtype)   # the change, then the padding's zero
+    zero = d[-1]
     top = np.empty((Cout, P), dtype=delta.dtype)
     s1 = np.empty(Cout)
     s2 = np.empty(Cout)
@@ -137,19 +145,19 @@ def block9(delta, index, W, Y, P, mode, g, bb, eps, last, out):
     for k in range(K):
         d[:-1] = delta[k]
         gather(d, index, U)
-        conv9(U, W[k], Y, P, top, s1, s2)
+        conv9(U, W[k], Y, P, top, s1, s2, zero)
         for o in range(Cout):
             a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
         ok = out[k]
         if last:
             for p in range(P):
                 for o in range(Cout):
-                    ok[p, o] = relu(a[o] * top[o, p] + b[o])
+                    ok[p, o] = relu(a[o] * top[o, p] + b[o], zero)
         else:
             for o in range(Cout):
                 ao, bo, to, oo = a[o], b[o], top[o], ok[o]
                 for p in range(P):
-                    oo[p] = relu(ao * to[p] + bo)
+                    oo[p] = relu(ao * to[p] + bo, zero)
 
 
 @jit
@@ -157,14 +165,15 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
     """out[k] [P] = relu(BN(2×2 max of Y[ch[k]] + h[k] · coef[cidx[k]])) (BN of channel ch[k])."""
     K = ch.shape[0]
     N = Y.shape[1]
-    ab = np.empty(2, dtype=Y.dtype)                # the row's scale and shift in the rows' dtype
+    ab = np.zeros(2, dtype=Y.dtype)                # the row's scale and shift in the rows' dtype
+    zero = ab[0]
     for k in range(K):
         y = Y[ch[k]]
         c = coef[cidx[k]]
         hk = h[k]
         ok = out[k]
-        a1 = y[0] - y[0]
-        a2 = a1
+        a1 = zero
+        a2 = zero
         for n in range(P):
             r0 = y[n] + hk * c[n]
             r1 = y[n + P] + hk * c[n + P]
@@ -174,8 +183,8 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
             a1 += (r0 + r1) + (r2 + r3)
             a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
         yt, ct = y[4 * P:], c[4 * P:]
-        b1 = a1 - a1
-        b2 = b1
+        b1 = zero
+        b2 = zero
         for m in range(N - 4 * P):
             r = yt[m] + hk * ct[m]
             b1 += r
@@ -183,7 +192,7 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
         ab[0], ab[1] = scale_shift(mode, a1 + b1, a2 + b2, N, g[ch[k]], bb[ch[k]], eps)
         a, b = ab[0], ab[1]
         for n in range(P):
-            ok[n] = relu(a * ok[n] + b)
+            ok[n] = relu(a * ok[n] + b, zero)
 
 
 @jit
@@ -194,8 +203,9 @@ def channels_last(y, mode, g, bb, eps, out):
     n = B * H * W
     s1 = np.empty(C)
     s2 = np.empty(C)
-    a = np.empty(C, dtype=y.dtype)
+    a = np.zeros(C, dtype=y.dtype)
     b = np.empty(C, dtype=y.dtype)
+    zero = a[0]
     for k in range(K):
         yk, ok = y[k], out[k]
         s1[:] = 0.0
@@ -220,4 +230,4 @@ def channels_last(y, mode, g, bb, eps, out):
         flat = ok.reshape(-1, C)
         for p in range(flat.shape[0]):
             for c in range(C):
-                flat[p, c] = relu(a[c] * flat[p, c] + b[c])
+                flat[p, c] = relu(a[c] * flat[p, c] + b[c], zero)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -49,6 +50,10 @@ def _compiled():
         from core.engine import _loops
     except ImportError:
         return None
+    except Exception as e:         # e.g. Numba finds no writable cache folder: run without the loops
+        warnings.warn(f"the engine's compiled CPU loops are unavailable ({type(e).__name__}: {e}); "
+                      "using PyTorch operators (same results, slower)", RuntimeWarning, stacklevel=2)
+        return None
     return _loops.block9, _loops.rows, _loops.channels_last
 
 
@@ -59,7 +64,7 @@ def enabled(*tensors: torch.Tensor) -> bool:
 
 
 def _np(t: torch.Tensor):
-    return t.contiguous().numpy()
+    return t.detach().contiguous().numpy()
 
 
 def _bn(bn: _BatchNorm | None, C: int, dtype: torch.dtype) -> tuple[int, object, object, float]:

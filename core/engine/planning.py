@@ -42,7 +42,7 @@ class ShapePlanner:
         self._plans: list[SourcePlan] = []
 
     def plan(self, x: torch.Tensor, env: dict[fx.Node, Any], chunk: int | None) -> list[SourcePlan]:
-        key = (tuple(x.shape), x.dtype, x.device, chunk)
+        key = (tuple(x.shape), x.dtype, x.device, chunk, kernels.enabled(x))
         if key != self._key:
             self._key, self._plans = key, [self._shaped(p, env, chunk) for p in self.engine.params]
         return self._plans

@@ -147,18 +147,21 @@ def _tol(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("side", [7, 8])
-@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+@pytest.mark.parametrize("bn_mode", ["train", "eval", "no affine"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last):
+@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=1), dict(padding=2, dilation=2)],
+                         ids=["same", "strided", "dilated"])
+def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last, geometry):
     _needs_numba()
     g = torch.Generator().manual_seed(4)
     K, Cout, B = 5, 3, 2
-    conv = nn.Conv2d(1, Cout, 3, padding=1)
+    conv = nn.Conv2d(1, Cout, 3, **geometry)
     delta = torch.randn(K, B, side, side, generator=g, dtype=dtype)
     W = torch.randn(K, Cout, 9, generator=g, dtype=dtype)
-    N, P = B * side * side, B * (side // 2) ** 2
+    Ho, Wo = Wn.conv_out_size(conv, side, side)
+    N, P = B * Ho * Wo, B * (Ho // 2) * (Wo // 2)
     Y = torch.randn(Cout, N, generator=g, dtype=dtype) + 2.0
-    bn = _bn_in(bn_mode, Cout, dtype)
+    bn = nn.BatchNorm2d(Cout, affine=False).to(dtype) if bn_mode == "no affine" else _bn_in(bn_mode, Cout, dtype)
     index = Wn.conv_gather_index(conv, B, side, side, True, delta.device)
     out = kernels.block_pool(delta, index.long() if side == 7 else index, W, Y, P, bn, channels_last)
     rows = torch.bmm(W, Wn.im2col_one_channel(delta, index, 9)) + Y                   # [K, Cout, N]
@@ -168,7 +171,7 @@ def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bn_mode", ["train", "eval", "none"])
-def test_rows_loop_equals_torch_and_lets_nan_through(dtype, bn_mode):
+def test_rows_loop_equals_torch(dtype, bn_mode):
     _needs_numba()
     g = torch.Generator().manual_seed(5)
     C, N, P = 4, 2 * 7 * 7, 2 * 9
@@ -179,10 +182,47 @@ def test_rows_loop_equals_torch_and_lets_nan_through(dtype, bn_mode):
     out = kernels.rows_pool(Y, ch, coef, cidx, h, P, bn)
     expected = bn_relu_pool_rows(bn, Y[ch] + h[:, None] * coef[cidx], ch, P)
     torch.testing.assert_close(out, expected, **_tol(dtype))
-    Y[3, 4 * P + 1] = float("nan")                                 # a position no window covers
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval", "none"])
+@pytest.mark.parametrize("where", ["window", "uncovered"])
+def test_loops_let_nan_through(bn_mode, where):
+    """A NaN in a perturbed row reaches the output wherever PyTorch's layers put one (the 2×2 maximum
+    alone could pass over it); rows without one are untouched."""
+    _needs_numba()
+    g = torch.Generator().manual_seed(5)
+    C, B, side = 4, 2, 7
+    N, P = B * side * side, B * 9
+    Y, coef = torch.randn(C, N, generator=g), torch.randn(6, N, generator=g)
+    ch, cidx, h = torch.tensor([3, 0, 3]), torch.tensor([5, 1, 0]), torch.tensor([0.5, -2.0, 1e-3])
+    Y[3, 2 * P + 1 if where == "window" else 4 * P + 1] = float("nan")    # a corner of window 1, or
+    bn = _bn_in(bn_mode, C, torch.float32)                                 # a position none covers
     out = kernels.rows_pool(Y, ch, coef, cidx, h, P, bn)
-    if bn_mode == "train":                                         # it enters the statistics
-        assert out[[0, 2]].isnan().all() and not out[1].isnan().any()
+    expected = bn_relu_pool_rows(bn, Y[ch] + h[:, None] * coef[cidx], ch, P)
+    assert out[expected.isnan()].isnan().all() and out[[0, 2]].isnan().any()
+    torch.testing.assert_close(out[1], expected[1])
+    # the block loop: a NaN in the change of one perturbation
+    conv = nn.Conv2d(1, C, 3, padding=1)
+    delta, W = torch.randn(2, B, side, side, generator=g), torch.randn(2, C, 9, generator=g)
+    delta[1, 0, 2, 2] = float("nan")
+    index = Wn.conv_gather_index(conv, B, side, side, True, delta.device)
+    out = kernels.block_pool(delta, index, W, Y[:, :N].nan_to_num(), P, bn if bn is not None else
+                             _bn_in("eval", C, torch.float32), False)
+    assert out[1].isnan().any() and not out[0].isnan().any()
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "none"])
+def test_loops_map_minus_infinity_like_the_layers(bn_mode):
+    _needs_numba()
+    g = torch.Generator().manual_seed(8)
+    C, N, P = 4, 2 * 7 * 7, 2 * 9
+    Y, coef = torch.randn(C, N, generator=g), torch.randn(6, N, generator=g)
+    ch, cidx, h = torch.tensor([3, 0]), torch.tensor([5, 1]), torch.tensor([0.5, -2.0])
+    Y[3, 5] = float("-inf")
+    bn = _bn_in(bn_mode, C, torch.float32)
+    out = kernels.rows_pool(Y, ch, coef, cidx, h, P, bn)
+    torch.testing.assert_close(out, bn_relu_pool_rows(bn, Y[ch] + h[:, None] * coef[cidx], ch, P))
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -220,7 +260,7 @@ def test_float32_estimate_with_loops_is_as_accurate_as_the_naive_loop(loops):
 
 # -- whole estimates -------------------------------------------------------------------------------
 def _spy_fused(monkeypatch):
-    calls = {"chan": 0, "full": 0}
+    calls = {"chan": 0, "full": 0, "loop": 0}
 
     def count(name, fn):
         def spy(*args, **kwargs):
@@ -230,6 +270,7 @@ def _spy_fused(monkeypatch):
 
     monkeypatch.setattr(P, "chan_through_block", count("chan", P.chan_through_block))
     monkeypatch.setattr(P, "full_through_block", count("full", P.full_through_block))
+    monkeypatch.setattr(kernels, "block_pool", count("loop", kernels.block_pool))
     return calls
 
 
@@ -244,6 +285,15 @@ def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkey
     calls = _spy_fused(monkeypatch)
     assert _rel_to_naive(model, x, y, central=central) <= 1e-10
     assert calls["chan"] > 0 and calls["full"] > 0                 # the fused passes did the work
+    assert (calls["loop"] > 0) == (loops and device == "cpu")        # ... in the compiled loops on a CPU
+
+
+def test_many_small_chunks_equal_the_naive_loop(loops):
+    """Chunks of 3 reuse each block's output buffer many times within one step."""
+    torch.manual_seed(0)
+    model = _cnn().double()
+    x, y = _data()
+    assert _rel_to_naive(model, x, y, chunk=3) <= 1e-10
 
 
 @pytest.mark.parametrize("variant", ["negative gamma", "strided conv without bias", "BN without affine"])
