@@ -130,14 +130,17 @@ def conv9(U, W, Y, P, top, s1, s2, zero):
 
 
 @jit
-def block9(delta, index, W, Y, P, mode, g, bb, eps, last, out):
-    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ delta[k])): [P, Cout] (``last``) or [Cout, P]."""
+def block9(delta, index, W, Y, P, mode, g, bb, eps, last, U, d, top, out):
+    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ delta[k])): [P, Cout] (``last``) or [Cout, P].
+
+    Work buffers from the caller (so that PyTorch's memory accounting sees them): ``U`` [9, N], one
+    perturbation's im2col, which stays in cache; ``d`` [B·H·W + 1], its change and then the padding's
+    zero; ``top`` [Cout, P], its 2×2 maxima.
+    """
     K, Cout = W.shape[0], W.shape[1]
     N = Y.shape[1]
-    U = np.empty((9, N), dtype=delta.dtype)      # one perturbation's im2col stays in cache
-    d = np.zeros(delta.shape[1] + 1, dtype=delta.dtype)   # the change, then the padding's zero
+    d[-1] = 0
     zero = d[-1]
-    top = np.empty((Cout, P), dtype=delta.dtype)
     s1 = np.empty(Cout)
     s2 = np.empty(Cout)
     a = np.empty(Cout, dtype=delta.dtype)

@@ -37,6 +37,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _DTYPES = (torch.float32, torch.float64)
@@ -58,9 +59,13 @@ def _compiled():
 
 
 def enabled(*tensors: torch.Tensor) -> bool:
-    """The loops can run on these tensors (CPU, float32/float64, Numba present and :data:`use` on)."""
+    """The loops can run on these tensors (CPU, float32/float64, Numba present and :data:`use` on).
+
+    Not under a ``TorchDispatchMode`` (``FlopCounterMode``, fake tensors, ...): the loops' work
+    would be invisible to it, so the engine then runs PyTorch operators, which it sees.
+    """
     cpu = all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors)
-    return use and cpu and _compiled() is not None
+    return use and cpu and not is_in_torch_dispatch_mode() and _compiled() is not None
 
 
 def _np(t: torch.Tensor):
@@ -92,8 +97,10 @@ def block_pool(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y: tor
     K, Cout = W.shape[:2]
     if out is None:
         out = delta.new_empty(K, pooled, Cout) if channels_last else delta.new_empty(K, Cout, pooled)
-    _compiled()[0](_np(delta.reshape(K, -1)), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
-                   *_bn(bn, Cout, delta.dtype), channels_last, out.numpy())
+    delta = delta.reshape(K, -1)
+    work = (delta.new_empty(9, Y.shape[1]), delta.new_empty(delta.shape[1] + 1), delta.new_empty(Cout, pooled))
+    _compiled()[0](_np(delta), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
+                   *_bn(bn, Cout, delta.dtype), channels_last, *(w.numpy() for w in work), out.numpy())
     return out
 
 

@@ -288,6 +288,25 @@ def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkey
     assert (calls["loop"] > 0) == (loops and device == "cpu")        # ... in the compiled loops on a CPU
 
 
+def test_flop_counter_sees_the_work_the_loops_would_hide(monkeypatch):
+    """Under FlopCounterMode (edge KD counts training FLOPs with it) the engine runs PyTorch operators."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _needs_numba()
+    torch.manual_seed(0)
+    model = _cnn().double()
+    x, y = _data()
+
+    def counted():
+        with FlopCounterMode(display=False) as counter:
+            CGE(model, engine="fast").backward(F.cross_entropy, x, y)
+        return counter.get_total_flops()
+
+    with_loops = counted()
+    monkeypatch.setattr(kernels, "use", False)
+    assert with_loops == counted() > 0
+
+
 def test_many_small_chunks_equal_the_naive_loop(loops):
     """Chunks of 3 reuse each block's output buffer many times within one step."""
     torch.manual_seed(0)
