@@ -49,13 +49,13 @@ def _compiled():
     """The compiled loops (block, rows, channels-last), or None when Numba is missing."""
     try:
         from core.engine import _loops
+        return _loops.block9, _loops.rows, _loops.channels_last
     except ImportError:
         return None
     except Exception as e:         # e.g. Numba finds no writable cache folder: run without the loops
         warnings.warn(f"the engine's compiled CPU loops are unavailable ({type(e).__name__}: {e}); "
                       "using PyTorch operators (same results, slower)", RuntimeWarning, stacklevel=2)
         return None
-    return _loops.block9, _loops.rows, _loops.channels_last
 
 
 def enabled(*tensors: torch.Tensor) -> bool:

@@ -288,6 +288,33 @@ def test_paper_cnn_on_odd_maps_is_exact_and_fused(train, central, device, monkey
     assert (calls["loop"] > 0) == (loops and device == "cpu")        # ... in the compiled loops on a CPU
 
 
+class _BrokenNumba:
+    """Stands in for core.engine._loops when Numba fails at import (e.g. no writable cache folder)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("cannot cache function 'block9': no locator available")
+
+
+def test_a_numba_that_fails_at_import_falls_back_with_one_warning(monkeypatch):
+    import sys
+
+    import core.engine
+
+    monkeypatch.setitem(sys.modules, "core.engine._loops", _BrokenNumba())
+    monkeypatch.setattr(core.engine, "_loops", _BrokenNumba(), raising=False)   # if imported already
+    kernels._compiled.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CPU loops are unavailable.*no locator"):
+            assert not kernels.enabled(torch.zeros(1))
+        assert not kernels.enabled(torch.zeros(1))                   # decided once: no second warning
+        torch.manual_seed(0)
+        model = _cnn().double()
+        x, y = _data()
+        assert _rel_to_naive(model, x, y) <= 1e-10                    # exact through the PyTorch path
+    finally:
+        kernels._compiled.cache_clear()
+
+
 def test_flop_counter_sees_the_work_the_loops_would_hide(monkeypatch):
     """Under FlopCounterMode (edge KD counts training FLOPs with it) the engine runs PyTorch operators."""
     from torch.utils.flop_counter import FlopCounterMode
