@@ -97,7 +97,7 @@ class Downstream:
             return (chain.pool, out, inner) if out is not None else None
         conv, src = self.root.get_submodule(n.target), n.args[0]
         if isinstance(rep, Full) and rep.t.dim() == 5:
-            return chain.pool, full_through_block(conv, bn, rep.t, self._scratch(cache, chain.pool)), inner
+            return chain.pool, full_through_block(conv, bn, rep.t, cache.scratch(chain.pool)), inner
         if not (isinstance(rep, Chan) and rep.v.dim() == 4):
             return None
         B, _, H, W = cache.env[src].shape
@@ -106,13 +106,8 @@ class Downstream:
         index = Wn.conv_gather_index(conv, B, H, W, True, delta.device)
         out = chan_through_block(bn, delta, rep.idx, cache.w_by_input(conv), cache.rows(n, True), index,
                                  (B, Ho, Wo), channels_last=chain.pool in self.feeds_block,
-                                 scratch=self._scratch(cache, chain.pool))
+                                 scratch=cache.scratch(chain.pool))
         return chain.pool, out, inner
-
-    @staticmethod
-    def _scratch(cache: StepCache, node: fx.Node):
-        """The reusable output buffer of the fused block ending at ``node`` (:meth:`StepCache.scratch`)."""
-        return lambda shape, like: cache.scratch(node, shape, like)
 
     # -- one node -------------------------------------------------------------------------------
     def _propagate(self, node: fx.Node, cache: StepCache, changed: dict[fx.Node, Rep], K: int,

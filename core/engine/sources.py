@@ -86,11 +86,8 @@ def source(plan: SourcePlan, idx: torch.Tensor, h: torch.Tensor, cache: StepCach
         bn = None if chain.bn is node else cache.root.get_submodule(chain.bn.target)
         if bn is None or cache.monotone(bn):
             B, _, H, W = cache.env[node].shape
-
-            def scratch(shape, like):                                           # this block's buffer
-                return cache.scratch(chain.pool, shape, like)
             terms = _terms(plan, idx, cache, windowed=True)
-            return chain.pool, chan_from_terms(bn, *terms, h, (B, H // 2, W // 2), scratch)
+            return chain.pool, chan_from_terms(bn, *terms, h, (B, H // 2, W // 2), cache.scratch(chain.pool))
     ch, rows = _rows(plan, idx, h, cache, windowed=False)
     if plan.per_sample_dims == 1:
         return node, Feat(ch.unsqueeze(1), rows.unsqueeze(1))

@@ -14,6 +14,8 @@ change between steps, so nothing here outlives one estimate):
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,20 +85,21 @@ class StepCache:
         """The conv weight [Cout, Cin, kh, kw] as [Cin, Cout, kh·kw] (contiguous)."""
         return self._get(("w", m), lambda: m.weight.transpose(0, 1).flatten(2).contiguous())
 
-    def scratch(self, key: Any, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """A buffer of ``shape`` reused by every chunk of this step under ``key`` (a graph node).
+    def scratch(self, node: fx.Node) -> Callable[[tuple[int, ...], torch.Tensor], torch.Tensor]:
+        """``buffer(shape, like)``: an output buffer for the fused block ending at ``node``, reused
+        by every chunk of this step.
 
         The fused loops write each chunk's block output into it: fresh memory of a few MB per chunk
         costs a page fault per 4 kB on first touch. A chunk's values are dead once its losses exist,
         and each node is computed once per chunk, so one buffer per node is safe.
         """
-        n = 1
-        for d in shape:
-            n *= d
-        buf = self._memo.get(("scratch", key))
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._memo[("scratch", key)] = like.new_empty(n)
-        return buf[:n].view(shape)
+        def buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+            n = math.prod(shape)
+            buf = self._memo.get(("scratch", node))
+            if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+                buf = self._memo[("scratch", node)] = like.new_empty(n)
+            return buf[:n].view(shape)
+        return buffer
 
     def monotone(self, bn: nn.Module) -> bool:
         """BN → ReLU commutes with max-pooling this step (see :func:`core.engine.blocks.monotone`)."""
