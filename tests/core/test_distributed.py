@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,15 +61,41 @@ def test_split_inside_parameters_is_a_contiguous_partition_of_equal_cost():
 
 
 # -- 2 ranks == 1 process ----------------------------------------------------------------------------
+def _torchrun_program(out: Path) -> subprocess.CompletedProcess:
+    lo = {"GLOO_SOCKET_IFNAME": loopback()} if loopback() else {}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(PROGRAM), str(out)],
+                          cwd=ROOT, env=_env(**lo), capture_output=True, text=True, timeout=240)
+
+
+def _native_abort(proc: subprocess.CompletedProcess) -> bool:
+    """torchrun names a native crash (SIGABRT/SIGSEGV), not a Python exit, as the first failure."""
+    root = proc.stderr.rpartition("Root Cause")[2]
+    return "(SIGABRT)" in root or "(SIGSEGV)" in root
+
+
+def _failure(proc: subprocess.CompletedProcess, out: Path) -> str:
+    """What each rank reported: its Python traceback, the faulthandler dump of a native crash, the tail."""
+    errors = "\n".join(f"{f.name}:\n{f.read_text()}" for f in sorted(out.parent.glob(out.name + ".rank*.error")))
+    lines = proc.stderr.splitlines()
+    native = [ln for ln in lines if ln.startswith(("Fatal Python error", "Thread 0x", "Current thread", '  File "',
+                                                   "terminate called", "[rank"))]
+    return f"{errors}\n--- rank output ---\n" + "\n".join(native[-80:]) + "\n--- tail ---\n" + proc.stderr[-1500:]
+
+
 def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
     from tests.core.programs.dist_cge import B, SCENARIOS, run
 
     out = tmp_path / "res"
-    lo = {"GLOO_SOCKET_IFNAME": loopback()} if loopback() else {}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(PROGRAM), str(out)],
-                          cwd=ROOT, env=_env(**lo), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _torchrun_program(out)
+    if proc.returncode != 0 and _native_abort(proc):
+        # a rank died of a C++ abort with no Python error of its own (seen once on a loaded CI machine,
+        # not reproduced in 50 local runs, warm or cold Numba cache, idle or loaded): run once more, and say so in the test report
+        warnings.warn(f"dist_cge: a rank aborted natively; ran again. {_failure(proc, out)}")
+        for f in tmp_path.glob("res.rank*"):
+            f.unlink()
+        proc = _torchrun_program(out)
+    assert proc.returncode == 0, _failure(proc, out)
     ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     torch.set_num_threads(1)

@@ -5,7 +5,9 @@
 
 writes ``OUT.rank<r>`` (a ``torch.save`` of :func:`run_all`'s results) on every rank.
 """
+import faulthandler
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -78,13 +80,19 @@ def disagreement() -> str:
 
 
 def main(out: str) -> None:
+    faulthandler.enable()                      # a native abort still shows where Python was
     torch.set_num_threads(1)
-    D.init_from_env(timeout=60)
-    results = {name: run(name, D.Shard(exact=SCENARIOS[name][-1])) for name in SCENARIOS}
-    results["disagreement"] = disagreement()
-    results["world"] = D.world_size()
-    torch.save(results, f"{out}.rank{D.rank()}")
-    D.shutdown()
+    D.init_from_env(timeout=120)
+    try:
+        results = {name: run(name, D.Shard(exact=SCENARIOS[name][-1])) for name in SCENARIOS}
+        results["disagreement"] = disagreement()
+        results["world"] = D.world_size()
+        torch.save(results, f"{out}.rank{D.rank()}")
+    except BaseException:                      # the test shows this rank's own traceback
+        Path(f"{out}.rank{D.rank()}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        D.shutdown()
 
 
 if __name__ == "__main__":
