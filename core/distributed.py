@@ -33,7 +33,8 @@ rank). General and batched objectives cost the same per coordinate and are split
 Checks, every step, from the gathered bytes: all ranks must report the same unperturbed loss
 (bit for bit on CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the
 same active set; otherwise :class:`RanksDisagree`. A collective that fails or outlasts the
-process group's timeout (a rank died or hangs) raises :class:`RankLost`.
+process group's timeout (a rank died or hangs) raises :class:`RankLost`, which names the ranks that
+never reached that collective (each rank counts the collectives it enters in torchrun's store).
 """
 from __future__ import annotations
 
@@ -106,6 +107,55 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# -- who is missing -----------------------------------------------------------------------------------
+# Every rank counts the collectives it enters in the job's rendezvous store (one ``add`` per
+# collective). When one fails, the ranks whose count is below this rank's never reached it: those
+# are the dead or hung ones, and the stop line names them.
+_ARRIVALS = "deepzero/arrivals/"
+_arrived = 0
+
+
+def _store() -> Any:
+    from torch.distributed import distributed_c10d
+    return distributed_c10d._get_default_store()
+
+
+def arrive() -> None:
+    """Count this rank's arrival at a collective (a no-op without a process group or a store)."""
+    global _arrived
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        _arrived = _store().add(_ARRIVALS + str(dist.get_rank()), 1)
+    except Exception:               # no store (a custom group): the stop line then names nobody
+        _arrived = 0
+
+
+def missing() -> list[int]:
+    """The ranks that have not reached the collective this rank is in (their count is lower)."""
+    if not _arrived or not (dist.is_available() and dist.is_initialized()):
+        return []
+    try:
+        store = _store()
+        store.set_timeout(datetime.timedelta(seconds=10))          # the run is ending: do not wait long
+        counts = [store.add(_ARRIVALS + str(r), 0) for r in range(dist.get_world_size())]
+    except Exception:               # the store went with the failure (its host died): name nobody
+        return []
+    return [r for r, n in enumerate(counts) if n < _arrived]
+
+
+def lost(what: str, exc: BaseException, counted: bool = True) -> RankLost:
+    """The :class:`RankLost` for a collective (``what``) that failed with ``exc``; ``counted``: it was
+    one of every rank's (preceded by :func:`arrive`), so the ranks that never reached it are named."""
+    global rank_lost
+    rank_lost = True
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))[:200]   # drop gloo's source path
+    behind = missing() if counted else []
+    who = (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} never reached it (dead, or hung "
+           "longer than the timeout)") if behind else "a rank died, or hangs longer than the timeout"
+    return RankLost(f"lost contact with another rank during {what} ({reason}): {who}")
 
 
 # -- splitting coordinates ----------------------------------------------------------------------------
@@ -269,6 +319,8 @@ class Shard:
         differ in length: gloo's all_gather needs equal sizes, and padding to the largest share would
         send up to R times the bytes, so uneven shares travel by one ``all_to_all_single`` instead.
         """
+        if self.group is None:
+            arrive()
         try:
             if sizes is None:
                 out = [torch.empty_like(t) for _ in range(self.world)]
@@ -279,11 +331,7 @@ class Shard:
                                        input_split_sizes=[sizes[self.rank]] * self.world, group=self.group)
                 out = list(flat.split(sizes))
         except RuntimeError as exc:        # gloo/NCCL errors, DistBackendError: a peer died or timed out
-            global rank_lost
-            rank_lost = True
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))[:200]   # drop gloo's source path
-            raise RankLost(f"lost contact with another rank during {what} ({reason}): a rank died, or hangs "
-                           "longer than the timeout") from None
+            raise lost(what, exc, counted=self.group is None) from None
         return out
 
     def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active):

@@ -69,11 +69,11 @@ class Session:
 
         from core import distributed as D
 
+        D.arrive()
         try:
             dist.barrier(group=self.slow)
         except RuntimeError as exc:
-            D.rank_lost = True
-            raise D.RankLost(f"lost contact with another rank at the start of an epoch ({str(exc)[:200]})") from None
+            raise D.lost("the start of an epoch", exc) from None
 
 
 def rank_label() -> str:

@@ -245,6 +245,7 @@ def test_hung_rank_ends_the_run_after_the_timeout(tmp_path):
     proc, ckpt, took = _interrupt_rank_1(tmp_path, signal.SIGSTOP, "--dist-timeout", "5")
     line = _stop_line(proc)
     assert "lost contact with another rank" in line and "Timed out" in line, line
+    assert "rank 1 never reached it (dead, or hung" in line, line             # the stopped rank is named
     assert "the checkpoint of epoch 1 is kept" in line
     assert took < 5 + 90                                       # the timeout, rank 0's close, torchrun's grace
     assert load_checkpoint(ckpt, app="classify")["epoch"] == 1
