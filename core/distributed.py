@@ -34,13 +34,15 @@ Checks, every step, from the gathered bytes: all ranks must report the same unpe
 (bit for bit on CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the
 same active set; otherwise :class:`RanksDisagree`. A collective that fails or outlasts the
 process group's timeout (a rank died or hangs) raises :class:`RankLost`, which names the ranks that
-never reached that collective (each rank counts the collectives it enters in torchrun's store).
+never reached that collective when it can tell (each rank counts the collectives it enters in
+torchrun's store; see :func:`lost`).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -111,10 +113,19 @@ def world_size() -> int:
 
 # -- who is missing -----------------------------------------------------------------------------------
 # Every rank counts the collectives it enters in the job's rendezvous store (one ``add`` per
-# collective). When one fails, the ranks whose count is below this rank's never reached it: those
-# are the dead or hung ones, and the stop line names them.
-_ARRIVALS = "deepzero/arrivals/"
+# collective). When one times out, the ranks whose count is below this rank's never reached it:
+# those are the dead or hung ones, and the stop line names them. With two ranks, a peer that did
+# reach it is named too (it stopped answering inside the collective: there is no one else); with
+# more, ranks inside the collective cannot be told from healthy ones waiting there, and nobody is
+# named. A failure other than a timeout (a peer's connection closed) comes at once, while healthy
+# ranks may still be computing: nobody is named then; torchrun's report says which rank exited.
 _arrived = 0
+_STORE_WAIT = 10.0          # seconds the failure path waits for the store before naming nobody
+
+
+def _key(r: int) -> str:
+    """The store key of rank ``r``'s count; a torchrun restart keeps the store, so the attempt is part of it."""
+    return f"deepzero/arrivals/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{r}"
 
 
 def _store() -> Any:
@@ -123,39 +134,61 @@ def _store() -> Any:
 
 
 def arrive() -> None:
-    """Count this rank's arrival at a collective (a no-op without a process group or a store)."""
+    """Count this rank's arrival at a collective that every rank of the default group enters."""
     global _arrived
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        _arrived = _store().add(_ARRIVALS + str(dist.get_rank()), 1)
-    except Exception:               # no store (a custom group): the stop line then names nobody
+        _arrived = _store().add(_key(dist.get_rank()), 1)
+    except RankLost:                # torchrun's SIGTERM arrived meanwhile (core.runtime.ranks): stop
+        raise
+    except Exception:               # no usable store: the stop line then names nobody
         _arrived = 0
 
 
-def missing() -> list[int]:
-    """The ranks that have not reached the collective this rank is in (their count is lower)."""
+def counts() -> list[int] | None:
+    """Every rank's count of collectives entered (None: unknown).
+
+    The store's ``add`` has no timeout of its own, so the counts are read in a helper thread that
+    this one waits for at most :data:`_STORE_WAIT` seconds (a store whose host froze names nobody).
+    """
     if not _arrived or not (dist.is_available() and dist.is_initialized()):
-        return []
-    try:
-        store = _store()
-        store.set_timeout(datetime.timedelta(seconds=10))          # the run is ending: do not wait long
-        counts = [store.add(_ARRIVALS + str(r), 0) for r in range(dist.get_world_size())]
-    except Exception:               # the store went with the failure (its host died): name nobody
-        return []
-    return [r for r, n in enumerate(counts) if n < _arrived]
+        return None
+    world, got = dist.get_world_size(), []
+
+    def read():
+        try:
+            store = _store()
+            got.extend(store.add(_key(r), 0) for r in range(world))    # add 0: read without waiting for the key
+        except Exception:
+            got.clear()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(_STORE_WAIT)
+    return None if reader.is_alive() or len(got) != world else list(got)
 
 
 def lost(what: str, exc: BaseException, counted: bool = True) -> RankLost:
-    """The :class:`RankLost` for a collective (``what``) that failed with ``exc``; ``counted``: it was
-    one of every rank's (preceded by :func:`arrive`), so the ranks that never reached it are named."""
+    """The :class:`RankLost` for a collective (``what``) that failed with ``exc``; ``counted``: every
+    rank enters it after :func:`arrive`, so on a timeout the ranks to blame are named when the
+    counts tell (see above)."""
     global rank_lost
     rank_lost = True
     reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))[:200]   # drop gloo's source path
-    behind = missing() if counted else []
-    who = (f"rank{'s' if len(behind) > 1 else ''} {', '.join(map(str, behind))} never reached it (dead, or hung "
-           "longer than the timeout)") if behind else "a rank died, or hangs longer than the timeout"
-    return RankLost(f"lost contact with another rank during {what} ({reason}): {who}")
+    seen = counts() if counted and re.search(r"timed?[ -]?out", reason, re.I) else None
+    if seen is not None:
+        me = dist.get_rank()
+        behind = [r for r, n in enumerate(seen) if n < _arrived]
+        if behind:
+            names = ", ".join(map(str, behind))
+            return RankLost(f"lost contact with rank{'s' if len(behind) > 1 else ''} {names}, which never reached "
+                            f"{what} (dead, or hung longer than the timeout); {reason}")
+        if len(seen) == 2:
+            return RankLost(f"lost contact with rank {1 - me} inside {what}, which it had reached (it stopped "
+                            f"answering: dead, hung, or the connection broke); {reason}")
+    return RankLost(f"lost contact with another rank during {what} ({reason}): a rank died, or hangs "
+                    "longer than the timeout")
 
 
 # -- splitting coordinates ----------------------------------------------------------------------------
@@ -319,7 +352,8 @@ class Shard:
         differ in length: gloo's all_gather needs equal sizes, and padding to the largest share would
         send up to R times the bytes, so uneven shares travel by one ``all_to_all_single`` instead.
         """
-        if self.group is None:
+        counted = self.group in (None, dist.group.WORLD)
+        if counted:
             arrive()
         try:
             if sizes is None:
@@ -331,7 +365,7 @@ class Shard:
                                        input_split_sizes=[sizes[self.rank]] * self.world, group=self.group)
                 out = list(flat.split(sizes))
         except RuntimeError as exc:        # gloo/NCCL errors, DistBackendError: a peer died or timed out
-            raise lost(what, exc, counted=self.group is None) from None
+            raise lost(what, exc, counted) from None
         return out
 
     def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active):

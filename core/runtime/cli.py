@@ -199,6 +199,10 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     if out.stopped is not None:
         if lead:
             print(f"{prog}: stopped: {out.stopped}; {out.extra['resume_hint']}", file=sys.stderr)
+        else:                           # e.g. rank 0 hung: this rank's line is the one that names it
+            from core.runtime.ranks import rank_label
+
+            print(f"{rank_label()}{prog}: stopped: {out.stopped}", file=sys.stderr)
         return 1
     if not lead:
         return 0

@@ -6,7 +6,7 @@ same command less ``--nproc``: each of the N ranks sees torchrun's environment (
 ``WORLD_SIZE``, ...) and runs the training verb as a rank (:mod:`core.runtime.ranks`). Several
 machines: start torchrun yourself on each (README); the ranks behave the same.
 
-Rank 0 alone talks to MLflow, prints and writes checkpoints; the other ranks stay silent. The
+Rank 0 alone talks to MLflow, prints and writes checkpoints; the other ranks print only a stop line. The
 launcher shows rank 0's output as it comes; torchrun's own report and the other ranks' output go
 to a temporary folder. When a rank dies, hangs past ``--dist-timeout`` or fails, every rank ends
 (torchrun stops the rest; a rank waiting on a dead or hung peer raises
@@ -272,7 +272,8 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
                 how = f"was killed by signal {-code}"
         else:
             why = _last_line(next(iter(sorted(relay.folder.glob(f"*/attempt_*/{r}/stderr.log"))), Path("/nonexistent")))
-            how = f"failed (exit status {code})" + (f": {why}" if why else "")
+            lost = re.search(r": stopped: (lost contact .*)$", why)      # it gave up waiting for another rank
+            how = lost.group(1) if lost else f"failed (exit status {code})" + (f": {why}" if why else "")
         run = re.search(r"^run ([0-9a-f]{32})\b", relay.stdout_text, re.M)
         ckpt = checkpoint_of(run.group(1)) if run else None
         print(f"{prog}: stopped: rank {r} of {nproc} {how}; {_resume_hint(ckpt, prog, nproc)}", file=sys.stderr)
