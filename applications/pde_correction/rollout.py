@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from applications.pde_correction.families import Family
-from core.distributed import RankLost
+from core.collectives import RankLost
 from solvers.protocol import SolverError
 
 

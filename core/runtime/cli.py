@@ -84,7 +84,7 @@ def run_guarded(fn: Callable[[], int | None], prog: str) -> int:
         print(f"{rank_label()}{prog}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:                 # a rank of a multi-process run lost the others
-        from core.distributed import RankLost
+        from core.collectives import RankLost
 
         if not isinstance(exc, RankLost):
             raise

@@ -351,7 +351,8 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
         resume_command: the command that resumes this run, printed on Ctrl-C and early stops
             (``{checkpoint}`` is replaced by the checkpoint path).
     """
-    from core.distributed import RankLost, RanksDisagree
+    from core.collectives import RankLost
+    from core.distributed import RanksDisagree
     from core.runtime.checkpoint import save_checkpoint
     from core.runtime.config import flatten, to_yaml
 

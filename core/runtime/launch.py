@@ -10,7 +10,7 @@ Rank 0 alone talks to MLflow, prints and writes checkpoints; the other ranks pri
 launcher shows rank 0's output as it comes; torchrun's own report and the other ranks' output go
 to a temporary folder. When a rank dies, hangs past ``--dist-timeout`` or fails, every rank ends
 (torchrun stops the rest; a rank waiting on a dead or hung peer raises
-:class:`core.distributed.RankLost` and stops cleanly) and the launcher prints one line saying
+:class:`core.collectives.RankLost` and stops cleanly) and the launcher prints one line saying
 which rank stopped and why, that the last checkpoint is kept, and how to resume (on any number
 of ranks: a checkpoint holds nothing rank-specific).
 """
@@ -82,7 +82,7 @@ def check_launch_args(args: argparse.Namespace) -> None:
 
 def wants_launch(args: argparse.Namespace) -> bool:
     """``--nproc N > 1`` in an ordinary process: this process launches the ranks."""
-    from core.distributed import torchrun_world_size
+    from core.collectives import torchrun_world_size
 
     return getattr(args, "nproc", 1) > 1 and torchrun_world_size() == 1 and "RANK" not in os.environ
 

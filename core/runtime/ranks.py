@@ -5,7 +5,7 @@ A process started by torchrun (``RANK``, ``WORLD_SIZE``, ... in its environment)
 (:meth:`Session.attach`). Rank 0 leads: only it talks to MLflow, prints and checkpoints, so the
 ranks meet at every epoch's start (:meth:`Session.sync`) on a group with a long timeout, and the
 step collectives wait only for the step. SIGTERM (torchrun ending the ranks after one failed)
-becomes :class:`core.distributed.RankLost`, which the loop handles like any stop: the checkpoint
+becomes :class:`core.collectives.RankLost`, which the loop handles like any stop: the checkpoint
 of the last finished epoch is kept.
 """
 from __future__ import annotations
@@ -67,18 +67,18 @@ class Session:
         """Wait until every rank gets here (start of an epoch)."""
         import torch.distributed as dist
 
-        from core import distributed as D
+        from core import collectives as C
 
-        D.arrive()
+        C.arrive()
         try:
             dist.barrier(group=self.slow)
         except RuntimeError as exc:
-            raise D.lost("the start of an epoch", exc) from None
+            raise C.lost("the start of an epoch", exc) from None
 
 
 def rank_label() -> str:
     """``"[rank r/n] "`` in a rank other than 0 of a torchrun group, else ``""``."""
-    from core.distributed import torchrun_world_size
+    from core.collectives import torchrun_world_size
 
     r = os.environ.get("RANK", "0")
     return f"[rank {r}/{torchrun_world_size()}] " if r != "0" and torchrun_world_size() > 1 else ""
@@ -90,24 +90,24 @@ def start_session(args: argparse.Namespace, device: Any) -> Session | None:
 
     import torch.distributed as dist
 
-    from core import distributed as D
+    from core import collectives as C
 
-    world = D.torchrun_world_size()
+    world = C.torchrun_world_size()
     if world == 1:
         return None
     nproc = getattr(args, "nproc", 1)
     if nproc > 1 and nproc != world:
         raise UserError(f"--nproc {nproc}, but torchrun started {world} ranks: leave --nproc out under torchrun")
     timeout = float(getattr(args, "dist_timeout", 300.0))
-    D.init_from_env(device=device, timeout=timeout)
-    atexit.register(D.shutdown)
+    C.init_from_env(device=device, timeout=timeout)
+    atexit.register(C.shutdown)
 
     def on_sigterm(signum, frame):                  # torchrun ends the other ranks when one fails
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if not D.rank_lost:                         # already stopping on a failed collective
-            D.rank_lost = True
-            raise D.RankLost("stopped by SIGTERM (torchrun ends every rank when one fails)")
+        if not C.rank_lost:                         # already stopping on a failed collective
+            C.rank_lost = True
+            raise C.RankLost("stopped by SIGTERM (torchrun ends every rank when one fails)")
 
     signal.signal(signal.SIGTERM, on_sigterm)
     slow = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout + SYNC_ALLOWANCE))
-    return Session(D.rank(), D.world_size(), slow)
+    return Session(C.rank(), C.world_size(), slow)

@@ -266,7 +266,7 @@ def test_a_timed_out_collective_names_the_ranks_that_never_reached_it(monkeypatc
     count are named, on any other failure (a peer's connection closed) nobody is."""
     import torch.distributed as dist
 
-    from core import distributed as D
+    from core import collectives as D
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback() or "lo")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "7")
