@@ -45,7 +45,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from core.collectives import (RankLost, arrive, init_from_env, lost, rank, shutdown,  # noqa: F401  (public here too)
+from core.collectives import arrive, lost
+from core.collectives import (RankLost, init_from_env, rank, shutdown,  # noqa: F401  (the group's API, kept here too)
                               torchrun_world_size, world_size)
 
 _P = 1_000_000_007          # modulus of the active-set fingerprint

@@ -6,9 +6,9 @@ same command less ``--nproc``: each of the N ranks sees torchrun's environment (
 ``WORLD_SIZE``, ...) and runs the training verb as a rank (:mod:`core.runtime.ranks`). Several
 machines: start torchrun yourself on each (README); the ranks behave the same.
 
-Rank 0 alone talks to MLflow, prints and writes checkpoints; the other ranks print only a stop line. The
-launcher shows rank 0's output as it comes; torchrun's own report and the other ranks' output go
-to a temporary folder. When a rank dies, hangs past ``--dist-timeout`` or fails, every rank ends
+Rank 0 alone talks to MLflow, prints and writes checkpoints; the other ranks print only a stop
+line. The launcher shows rank 0's output as it comes; torchrun's own report and the other ranks'
+output go to a temporary folder. When a rank dies, hangs past ``--dist-timeout`` or fails, every rank ends
 (torchrun stops the rest; a rank waiting on a dead or hung peer raises
 :class:`core.collectives.RankLost` and stops cleanly) and the launcher prints one line saying
 which rank stopped and why, that the last checkpoint is kept, and how to resume (on any number
