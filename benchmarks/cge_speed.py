@@ -12,7 +12,8 @@ Linear(18, 10); 6,346 parameters) on real MNIST, batch 64, train-mode BN, dense 
 - ours: ``CGE(engine="auto")`` — the fast exact engine;
 - floor: the FLOPs an exact delta computation cannot avoid (the changed channel in the perturbed
   layer, channel-local layers on that channel, a one-input-channel convolution in the next conv,
-  full recompute only after that) at this machine's single-thread fp32 GEMM rate.
+  full recompute only after that; none for a conv bias that train-mode BatchNorm removes, whose
+  difference is exactly 0) at this machine's single-thread fp32 GEMM rate.
 
 Times are CPU seconds of this process (one thread; the minimum over repeats): on a machine shared
 with other jobs they move far less than wall time, and every ratio compares two numbers of one run.
@@ -134,6 +135,9 @@ def flop_floor(model, x, active, forward: bool = True) -> float:
             continue
         li = next(i for i, m in enumerate(mods) if any(q is p for q in m.parameters()))
         in_shape, out_shape, m = shapes[li]
+        nxt = mods[li + 1] if li + 1 < len(mods) else None
+        if p is getattr(m, "bias", None) and isinstance(nxt, nn.BatchNorm2d) and nxt.training:
+            continue                               # train-mode BN removes the shift: nothing to compute
         if isinstance(m, nn.Linear):
             total += n * 2 * B                     # one logit per sample changes
             continue

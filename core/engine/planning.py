@@ -4,6 +4,12 @@ For every owned parameter (:class:`core.engine.sources.SourcePlan`):
 
 - whether its closed form applies to this call (a Linear on [B, ..., F] or a conv on an
   unbatched input has none: the parameter is then perturbed in place, :attr:`Coord.LAYER`);
+- whether it is a bias that BatchNorm removes (:attr:`Coord.ABSORBED`): a Conv2d's (or a Linear's
+  on [B, F]) output read by nothing but a BatchNorm that normalises with the batch's statistics.
+  Adding h to one channel then moves that channel's batch mean by exactly h and leaves its
+  variance as it was, so BN's output, and the loss, do not change: the finite difference of every
+  such coordinate is exactly 0 (for any μ; in floating point the naive loop gets rounding noise of
+  the order of ε·ℓ/μ). The engine writes 0 without evaluating them (not counted as queries);
 - the pool chain its source can jump (a conv or BatchNorm that starts a fused block);
 - the chunk K of perturbations evaluated together, from the widest activation they make.
 """
@@ -18,7 +24,7 @@ from torch import nn
 
 from core.engine import kernels
 from core.engine.graph import Coord
-from core.engine.layers import CHANNEL_LOCAL
+from core.engine.layers import CHANNEL_LOCAL, bn_uses_batch_stats
 from core.engine.sources import SourcePlan
 
 if TYPE_CHECKING:
@@ -59,6 +65,8 @@ class ShapePlanner:
         if dims < 1 or (linear and dims != 1) or (conv and dims != 3):
             return replace(plan, coord=Coord.LAYER)      # e.g. Linear on [B, ..., F]: no closed form here
         engine = self.engine
+        if coord is Coord.BIAS and (linear or conv) and self._normalised_away(node):
+            return replace(plan, coord=Coord.ABSORBED, per_sample_dims=dims)
         chain = None
         if coord in (Coord.CONV_WEIGHT, Coord.BIAS) and node in engine.blocks:
             chain = engine.blocks[node].chain
@@ -69,6 +77,15 @@ class ShapePlanner:
         per = max(1, B * self._width(node, env, self._unmaterialised(env[src])))
         K = chunk or min(_MAX_CHUNK, max(budget // per, min(_MIN_CHUNK, 8 * budget // per), 1))
         return replace(plan, chain=chain, per_sample_dims=dims, chunk=K)
+
+    def _normalised_away(self, node: fx.Node) -> bool:
+        """``node``'s only reader is a BatchNorm on it alone that uses the batch's statistics."""
+        if len(node.users) != 1:
+            return False
+        (bn,) = node.users
+        m = self.engine._module(bn)
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) and bn_uses_batch_stats(m) and \
+            bn.args == (node,) and not bn.kwargs
 
     def _unmaterialised(self, x: torch.Tensor) -> dict[fx.Node, tuple[fx.Node, ...]]:
         """Block conv -> the nodes of its block whose values the CPU loop never writes out when the
