@@ -56,115 +56,135 @@ def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w, zero):
     return a1, a2
 
 
-# one9/two9 spell out the four quarters of each 2×2 window: as a loop over the quarters, LLVM no
-# longer vectorises the loop over positions (measured 2× slower).
+# two16/two_any spell out the four corners of each 2×2 window: as a loop over the corners, LLVM no
+# longer vectorises the loop over windows (measured 2× slower).
 
 
 @jit
-def one9(U, w, y, P, tk, zero):
-    """Output channel with weights ``w`` [9] and cached row ``y``: 2×2 maxima into ``tk``, (Σ, Σ²)."""
-    u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-    a1 = zero
-    a2 = zero
-    for n in range(P):
-        m = n + P
-        r0 = y[n] + w0 * u0[n] + w1 * u1[n] + w2 * u2[n] + w3 * u3[n] + w4 * u4[n] \
-            + w5 * u5[n] + w6 * u6[n] + w7 * u7[n] + w8 * u8[n]
-        r1 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-        m += P
-        r2 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-        m += P
-        r3 = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
-        tk[n] = max(max(r0, r1), max(r2, r3))
-        a1 += (r0 + r1) + (r2 + r3)
-        a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
-    e = 4 * P
-    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w, zero)
-    return a1 + b1, a2 + b2
-
-
-@jit
-def two9(U, w, v, y, z, P, tk, tl, zero):
-    """Two output channels at once (weights ``w``, ``v``): each im2col value is loaded once for both."""
-    u0, u1, u2, u3, u4, u5, u6, u7, u8 = U[0], U[1], U[2], U[3], U[4], U[5], U[6], U[7], U[8]
+def two16(V, w, v, y, z, P, tk, tl, zero):
+    """Output channels with weights ``w``, ``v`` [9] and cached rows ``y``, ``z`` of a 3×3 conv with
+    stride 1: 2×2 maxima into ``tk``, ``tl`` and (Σ, Σ²) of each. ``V`` [16, P]: the 4×4 input patch
+    of every window, row 4a + b; each value is loaded once for 4 corners × 9 taps × 2 channels."""
+    V00, V01, V02, V03, V10, V11, V12, V13 = V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7]
+    V20, V21, V22, V23, V30, V31, V32, V33 = V[8], V[9], V[10], V[11], V[12], V[13], V[14], V[15]
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
     v0, v1, v2, v3, v4, v5, v6, v7, v8 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
     a1, a2, c1, c2 = zero, zero, zero, zero
     for n in range(P):
-        m = n
-        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
-        r0 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
-        q0 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        p00, p01, p02, p03 = V00[n], V01[n], V02[n], V03[n]
+        p10, p11, p12, p13 = V10[n], V11[n], V12[n], V13[n]
+        p20, p21, p22, p23 = V20[n], V21[n], V22[n], V23[n]
+        p30, p31, p32, p33 = V30[n], V31[n], V32[n], V33[n]
+        r0 = y[n] + w0 * p00 + w1 * p01 + w2 * p02 + w3 * p10 + w4 * p11 + w5 * p12 + w6 * p20 + w7 * p21 + w8 * p22
+        q0 = z[n] + v0 * p00 + v1 * p01 + v2 * p02 + v3 * p10 + v4 * p11 + v5 * p12 + v6 * p20 + v7 * p21 + v8 * p22
+        m = n + P
+        r1 = y[m] + w0 * p01 + w1 * p02 + w2 * p03 + w3 * p11 + w4 * p12 + w5 * p13 + w6 * p21 + w7 * p22 + w8 * p23
+        q1 = z[m] + v0 * p01 + v1 * p02 + v2 * p03 + v3 * p11 + v4 * p12 + v5 * p13 + v6 * p21 + v7 * p22 + v8 * p23
         m += P
-        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
-        r1 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
-        q1 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        r2 = y[m] + w0 * p10 + w1 * p11 + w2 * p12 + w3 * p20 + w4 * p21 + w5 * p22 + w6 * p30 + w7 * p31 + w8 * p32
+        q2 = z[m] + v0 * p10 + v1 * p11 + v2 * p12 + v3 * p20 + v4 * p21 + v5 * p22 + v6 * p30 + v7 * p31 + v8 * p32
         m += P
-        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
-        r2 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
-        q2 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
-        m += P
-        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
-        r3 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
-        q3 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        r3 = y[m] + w0 * p11 + w1 * p12 + w2 * p13 + w3 * p21 + w4 * p22 + w5 * p23 + w6 * p31 + w7 * p32 + w8 * p33
+        q3 = z[m] + v0 * p11 + v1 * p12 + v2 * p13 + v3 * p21 + v4 * p22 + v5 * p23 + v6 * p31 + v7 * p32 + v8 * p33
         tk[n] = max(max(r0, r1), max(r2, r3))
         tl[n] = max(max(q0, q1), max(q2, q3))
         a1 += (r0 + r1) + (r2 + r3)
         a2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
         c1 += (q0 + q1) + (q2 + q3)
         c2 += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
-    e = 4 * P
-    b1, b2 = tail(y[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], w, zero)
-    d1, d2 = tail(z[e:], u0[e:], u1[e:], u2[e:], u3[e:], u4[e:], u5[e:], u6[e:], u7[e:], u8[e:], v, zero)
-    return a1 + b1, a2 + b2, c1 + d1, c2 + d2
+    return a1, a2, c1, c2
 
 
 @jit
-def conv9(U, W, Y, P, top, s1, s2, zero):
-    """One perturbation: W [Cout, 9], U [9, N] -> 2×2 maxima ``top`` [Cout, P], Σ and Σ² [Cout]."""
-    Cout = W.shape[0]
-    for o in range(0, Cout - 1, 2):
-        s1[o], s2[o], s1[o + 1], s2[o + 1] = two9(U, W[o], W[o + 1], Y[o], Y[o + 1], P, top[o], top[o + 1], zero)
-    if Cout % 2:
-        s1[Cout - 1], s2[Cout - 1] = one9(U, W[Cout - 1], Y[Cout - 1], P, top[Cout - 1], zero)
+def nine(V, t):
+    return V[t[0]], V[t[1]], V[t[2]], V[t[3]], V[t[4]], V[t[5]], V[t[6]], V[t[7]], V[t[8]]
 
 
 @jit
-def block9(delta, index, W, Y, P, mode, g, bb, eps, last, U, d, top, out):
-    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ delta[k])): [P, Cout] (``last``) or [Cout, P].
+def two_any(V, taps, w, v, y, z, P, tk, tl, zero):
+    """:func:`two16` for any 9-tap geometry: corner q reads patch rows ``taps[q]`` (36 row loads)."""
+    a0, a1_, a2_, a3, a4, a5, a6, a7, a8 = nine(V, taps[0])
+    b0, b1, b2, b3, b4, b5, b6, b7, b8 = nine(V, taps[1])
+    c0, c1_, c2_, c3, c4, c5, c6, c7, c8 = nine(V, taps[2])
+    d0, d1, d2, d3, d4, d5, d6, d7, d8 = nine(V, taps[3])
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    v0, v1, v2, v3, v4, v5, v6, v7, v8 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
+    s1, s2, t1, t2 = zero, zero, zero, zero
+    for n in range(P):
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = a0[n], a1_[n], a2_[n], a3[n], a4[n], a5[n], a6[n], a7[n], a8[n]
+        r0 = y[n] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q0 = z[n] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = b0[n], b1[n], b2[n], b3[n], b4[n], b5[n], b6[n], b7[n], b8[n]
+        m = n + P
+        r1 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q1 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = c0[n], c1_[n], c2_[n], c3[n], c4[n], c5[n], c6[n], c7[n], c8[n]
+        m += P
+        r2 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q2 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = d0[n], d1[n], d2[n], d3[n], d4[n], d5[n], d6[n], d7[n], d8[n]
+        m += P
+        r3 = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q3 = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
+        tk[n] = max(max(r0, r1), max(r2, r3))
+        tl[n] = max(max(q0, q1), max(q2, q3))
+        s1 += (r0 + r1) + (r2 + r3)
+        s2 += (r0 * r0 + r1 * r1) + (r2 * r2 + r3 * r3)
+        t1 += (q0 + q1) + (q2 + q3)
+        t2 += (q0 * q0 + q1 * q1) + (q2 * q2 + q3 * q3)
+    return s1, s2, t1, t2
 
-    Work buffers from the caller (so that PyTorch's memory accounting sees them): ``U`` [9, N], one
-    perturbation's im2col, which stays in cache; ``d`` [B·H·W + 1], its change and then the padding's
-    zero; ``top`` [Cout, P], its 2×2 maxima.
+
+@jit
+def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, last, V, T, d, top, out):
+    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ (v[k] − x[ch[k]]))): [P, Cout] (``last``) or [Cout, P].
+
+    ``v`` [K, M] the new input channel of each perturbation, ``x`` [Cin, M] the cached input (M =
+    B·H·W); ``rows``, ``taps``, ``tail_index``, ``square``: :class:`core.engine.windows.WindowPatches`.
+    Work buffers from the caller (so that PyTorch's memory accounting sees them): ``V`` [R, P], one
+    perturbation's window patches, and ``T`` [9, N − 4P], its im2col at the positions no window
+    covers, both in cache; ``d`` [M + 1], its change and then the padding's zero; ``top`` [Cout, P],
+    its 2×2 maxima.
     """
     K, Cout = W.shape[0], W.shape[1]
-    N = Y.shape[1]
-    d[-1] = 0
-    zero = d[-1]
+    M, N = v.shape[1], Y.shape[1]
+    e = 4 * P
+    d[M] = 0
+    zero = d[M]
     s1 = np.empty(Cout)
     s2 = np.empty(Cout)
-    a = np.empty(Cout, dtype=delta.dtype)
-    b = np.empty(Cout, dtype=delta.dtype)
+    a = np.empty(Cout, dtype=v.dtype)
+    b = np.empty(Cout, dtype=v.dtype)
     for k in range(K):
-        d[:-1] = delta[k]
-        gather(d, index, U)
-        conv9(U, W[k], Y, P, top, s1, s2, zero)
+        vk, xk = v[k], x[ch[k]]
+        for i in range(M):
+            d[i] = vk[i] - xk[i]
+        gather(d, rows, V)
+        gather(d, tail_index, T)
+        Wk = W[k]
+        for o in range(0, Cout, 2):
+            p = min(o + 1, Cout - 1)                 # an odd last channel is computed twice
+            if square:
+                s1[o], s2[o], s1[p], s2[p] = two16(V, Wk[o], Wk[p], Y[o], Y[p], P, top[o], top[p], zero)
+            else:
+                s1[o], s2[o], s1[p], s2[p] = two_any(V, taps, Wk[o], Wk[p], Y[o], Y[p], P, top[o], top[p], zero)
+            if e < N:
+                for c in range(o, p + 1):
+                    t1, t2 = tail(Y[c][e:], T[0], T[1], T[2], T[3], T[4], T[5], T[6], T[7], T[8], Wk[c], zero)
+                    s1[c] += t1
+                    s2[c] += t2
         for o in range(Cout):
             a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
         ok = out[k]
         if last:
-            for p in range(P):
+            for q in range(P):
                 for o in range(Cout):
-                    ok[p, o] = relu(a[o] * top[o, p] + b[o], zero)
+                    ok[q, o] = relu(a[o] * top[o, q] + b[o], zero)
         else:
             for o in range(Cout):
                 ao, bo, to, oo = a[o], b[o], top[o], ok[o]
-                for p in range(P):
-                    oo[p] = relu(ao * to[p] + bo, zero)
+                for q in range(P):
+                    oo[q] = relu(ao * to[q] + bo, zero)
 
 
 @jit

@@ -79,39 +79,42 @@ def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, co
     return Chan(ch, out.view(-1, B, Hp, Wp))
 
 
-def chan_through_block(bn: _BatchNorm, delta: torch.Tensor, ch: torch.Tensor, w_by_input: torch.Tensor,
-                       y_windows: torch.Tensor, index: torch.Tensor, out_shape: tuple[int, int, int],
-                       channels_last: bool = False, scratch: Scratch | None = None) -> Full:
-    """A block whose conv input changed in one channel per perturbation: ``ch[k]`` by ``delta[k]``.
+def chan_through_block(bn: _BatchNorm, new: torch.Tensor, old: torch.Tensor, ch: torch.Tensor,
+                       conv: nn.Conv2d, w_by_input: torch.Tensor, y_windows: torch.Tensor,
+                       out_shape: tuple[int, int, int], channels_last: bool = False,
+                       scratch: Scratch | None = None) -> Full:
+    """A block whose conv input changed in one channel per perturbation: ``ch[k]`` is now ``new[k]``.
 
     Args:
-        delta: [K, B, H, W], the change of the conv's input channel ``ch[k]``.
+        new: [K, B, H, W], the new value of the conv's input channel ``ch[k]``.
+        old: [Cin, B, H, W], the cached input (channel-major).
+        conv: the block's convolution (its geometry).
         w_by_input: the conv weight as [Cin, Cout, kh·kw].
         y_windows: the cached conv output, [Cout, B·H'·W'] in window-major order.
-        index: :func:`core.engine.windows.conv_gather_index` (window-major).
         out_shape: (B, H', W') of the conv output.
         channels_last: lay the result out in channels-last memory (the next layer is a
             convolution, :func:`full_through_block`); the compiled loop only.
         scratch: ``scratch(shape, like)`` gives a reusable buffer for the loop's output.
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
-    multiply-adds (the floor of a one-channel change), in one fused loop for a 3×3 kernel on a CPU
+    multiply-adds (the floor of a one-channel change), in one fused loop for a 9-tap kernel on a CPU
     (:func:`core.engine.kernels.block_pool`), else a batched matmul and three reads of the rows.
     """
-    K = delta.shape[0]
+    K, B, H, W_ = new.shape
     taps = w_by_input.shape[2]
-    B, Ho, Wo = out_shape
+    _, Ho, Wo = out_shape
     pooled = B * (Ho // 2) * (Wo // 2)
-    W = w_by_input.index_select(0, ch)                                                   # [K, Cout, taps]
-    if taps == 9 and kernels.enabled(delta, y_windows):
-        shape = (K, pooled, W.shape[1]) if channels_last else (K, W.shape[1], pooled)
-        out = kernels.block_pool(delta, index, W, y_windows, pooled, bn, channels_last,
-                                 scratch(shape, delta) if scratch is not None else None)
+    Wk = w_by_input.index_select(0, ch)                                                  # [K, Cout, taps]
+    if taps == 9 and kernels.enabled(new, old, y_windows):
+        shape = (K, pooled, Wk.shape[1]) if channels_last else (K, Wk.shape[1], pooled)
+        out = kernels.block_pool(new, old, ch, Wn.window_patches(conv, B, H, W_, new.device), Wk, y_windows,
+                                 pooled, bn, channels_last, scratch(shape, new) if scratch is not None else None)
         if channels_last:                                                                # [K, pooled, Cout]
             return Full(out.view(K, B, Ho // 2, Wo // 2, -1).permute(0, 4, 1, 2, 3))
         return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
-    U = Wn.im2col_one_channel(delta, index, taps)                                        # [K, taps, N]
-    rows = torch.bmm(W, U).add_(y_windows)                # [K, Cout, N]; faster than baddbmm's broadcast copy
+    delta = new - old.index_select(0, ch)                                                # [K, B, H, W]
+    U = Wn.im2col_one_channel(delta, Wn.conv_gather_index(conv, B, H, W_, True, new.device), taps)
+    rows = torch.bmm(Wk, U).add_(y_windows)              # [K, Cout, N]; faster than baddbmm's broadcast copy
     out = bn_relu_pool_rows(bn, rows, None, pooled)
     return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
 

@@ -9,8 +9,10 @@ together they cost several times the matmul. Here one loop per row computes the 
 
 - :func:`block_pool` — the next conv of a one-channel change (:func:`core.engine.blocks.
   chan_through_block`): row o of perturbation k is ``Y[o] + Σ_t W[k, o, t] · U_k[t]``, with U_k the
-  one-channel im2col of the change (gathered once per k into a cache-resident buffer) and a 3×3
-  kernel (9 taps, unrolled so the loop over positions vectorises); the result is written
+  one-channel im2col of the change and a 9-tap kernel (unrolled so the loop over windows
+  vectorises). The change is formed and gathered once per k into cache-resident buffers, as the
+  patches the 2×2 windows read (:func:`core.engine.windows.window_patches`: for a 3×3 kernel with
+  stride 1, 16 values per window serve its 36 corner-tap products); the result is written
   channel-major or, when a convolution reads it next, channels-last;
 - :func:`rows_pool` — a coordinate's own layer (:mod:`core.engine.sources`): row k is
   ``Y[ch[k]] + h[k] · coef[cidx[k]]``;
@@ -38,6 +40,8 @@ import warnings
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from core.engine import windows as Wn
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 _DTYPES = (torch.float32, torch.float64)
@@ -85,22 +89,26 @@ def _bn(bn: _BatchNorm | None, C: int, dtype: torch.dtype) -> tuple[int, object,
     return 2, a.numpy(), (b - bn.running_mean.double() * a).numpy(), 0.0
 
 
-def block_pool(delta: torch.Tensor, index: torch.Tensor, W: torch.Tensor, Y: torch.Tensor, pooled: int,
-               bn: _BatchNorm, channels_last: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(bn(2×2 max of ``Y + W_k ⊛ delta_k``)) for a 3×3 conv: [K, pooled, Cout] (``channels_last``,
-    the layout the next convolution reads fastest) or [K, Cout, pooled].
+def block_pool(new: torch.Tensor, old: torch.Tensor, ch: torch.Tensor, patches: Wn.WindowPatches,
+               W: torch.Tensor, Y: torch.Tensor, pooled: int, bn: _BatchNorm, channels_last: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(bn(2×2 max of ``Y + W_k ⊛ (new_k − old[ch_k])``)) for a 9-tap conv: [K, pooled, Cout]
+    (``channels_last``, the layout the next convolution reads fastest) or [K, Cout, pooled].
 
-    ``delta`` [K, B·H·W] (one input channel per perturbation), ``index`` the window-major gather
-    index [9·N] (:func:`core.engine.windows.conv_gather_index`), ``W`` [K, Cout, 9], ``Y`` [Cout, N]
-    (window-major rows of the cached conv output). ``out``: where to write (else a new tensor).
+    ``new`` [K, B, H, W]: input channel ``ch[k]`` of perturbation k; ``old`` [Cin, B, H, W] the cached
+    input; ``patches``: :func:`core.engine.windows.window_patches` of the conv; ``W`` [K, Cout, 9];
+    ``Y`` [Cout, N] (window-major rows of the cached conv output). ``out``: where to write.
     """
     K, Cout = W.shape[:2]
     if out is None:
-        out = delta.new_empty(K, pooled, Cout) if channels_last else delta.new_empty(K, Cout, pooled)
-    delta = delta.reshape(K, -1)
-    work = (delta.new_empty(9, Y.shape[1]), delta.new_empty(delta.shape[1] + 1), delta.new_empty(Cout, pooled))
-    _compiled()[0](_np(delta), _np(index.view(9, -1)), _np(W.to(delta.dtype)), _np(Y), pooled,
-                   *_bn(bn, Cout, delta.dtype), channels_last, *(w.numpy() for w in work), out.numpy())
+        out = new.new_empty(K, pooled, Cout) if channels_last else new.new_empty(K, Cout, pooled)
+    new, old = new.reshape(K, -1), old.reshape(old.shape[0], -1)
+    rows, taps, tail, square = patches
+    work = (new.new_empty(rows.shape[0], pooled), new.new_empty(*tail.shape), new.new_empty(new.shape[1] + 1),
+            new.new_empty(Cout, pooled))
+    _compiled()[0](_np(new), _np(old), _np(ch), _np(rows), _np(taps), _np(tail), square, _np(W.to(new.dtype)),
+                   _np(Y), pooled, *_bn(bn, Cout, new.dtype), channels_last, *(w.numpy() for w in work),
+                   out.numpy())
     return out
 
 

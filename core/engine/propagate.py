@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.engine import layers as L
-from core.engine import windows as Wn
 from core.engine.blocks import chan_through_block, full_through_block
 from core.engine.graph import Op
 from core.engine.reps import Chan, Full, Rep, apply, batch_major, combine, from_batch_major, materialize, tensor_of
@@ -100,12 +99,10 @@ class Downstream:
             return chain.pool, full_through_block(conv, bn, rep.t, cache.scratch(chain.pool)), inner
         if not (isinstance(rep, Chan) and rep.v.dim() == 4):
             return None
-        B, _, H, W = cache.env[src].shape
+        B = cache.env[src].shape[0]
         Ho, Wo = cache.env[n].shape[2:]
-        delta = rep.v - cache.cm(src).index_select(0, rep.idx)                       # [K, B, H, W]
-        index = Wn.conv_gather_index(conv, B, H, W, True, delta.device)
-        out = chan_through_block(bn, delta, rep.idx, cache.w_by_input(conv), cache.rows(n, True), index,
-                                 (B, Ho, Wo), channels_last=chain.pool in self.feeds_block,
+        out = chan_through_block(bn, rep.v, cache.cm(src), rep.idx, conv, cache.w_by_input(conv),
+                                 cache.rows(n, True), (B, Ho, Wo), channels_last=chain.pool in self.feeds_block,
                                  scratch=cache.scratch(chain.pool))
         return chain.pool, out, inner
 

@@ -11,10 +11,18 @@ BatchNorm statistics) do not care about the order.
 and every kernel tap, the input position it reads, or one past the last position where the
 padding's zeros are. A one-input-channel change ``delta`` [K, B·H·W] with a zero column appended
 becomes its im2col [K, taps, positions] in one ``index_select``.
+
+**Window patches** (:func:`window_patches`): the four corners of 2×2 window (i', j') read, through
+a kh×kw kernel with stride s and dilation d, the input rows 2s·i' + (q·s + t·d) − padding for
+corner row q ∈ {0, 1} and tap row t; for a 3×3 kernel with stride 1 those are four consecutive
+rows, and with the columns a 4×4 patch: 16 inputs serve the window's 4 × 9 (corner, tap) products.
+Gathering the distinct patch positions once (16 rows of P = B·H'/2·W'/2 values) instead of the
+im2col (9 rows of all B·H'·W' positions) moves 2.25× fewer values.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -79,6 +87,45 @@ def _gather_index(kernel, stride, padding, dilation, B, H, W, windowed, device) 
     if windowed:
         index = index[:, window_order(B, Ho, Wo, device)]
     return index.reshape(-1).to(torch.int32 if B * H * W < 2 ** 31 else torch.int64)   # int32: a faster gather
+
+
+class WindowPatches(NamedTuple):
+    """Where the 2×2 windows of a conv's output read its input (see the module docstring)."""
+    rows: torch.Tensor     # [R, P]: input position of patch row r at each window (B·H·W: padding)
+    taps: torch.Tensor     # [4, kh·kw] int64: the patch row corner q reads through tap t
+    tail: torch.Tensor     # [kh·kw, N − 4P]: the gather index of the output positions no window covers
+    square: bool           # 3×3, stride 1, dilation 1: the rows are a 4×4 patch, row (a, b) = 4a + b
+
+
+def window_patches(m: nn.Conv2d, B: int, H: int, W: int, device: torch.device) -> WindowPatches:
+    """The :class:`WindowPatches` of conv ``m`` on [B, 1, H, W] inputs (output in window-major order)."""
+    return _window_patches(m.kernel_size, m.stride, m.padding, m.dilation, B, H, W, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_patches(kernel, stride, padding, dilation, B, H, W, device) -> WindowPatches:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Hp, Wp = Ho // 2, Wo // 2
+    offs_r = sorted({q * sh + t * dh for q in (0, 1) for t in range(kh)})    # input row - 2·s·i' + padding
+    offs_c = sorted({q * sw + t * dw for q in (0, 1) for t in range(kw)})
+    b = torch.arange(B, device=device).view(B, 1, 1) * (H * W)
+    ii = torch.arange(Hp, device=device).view(1, Hp, 1) * (2 * sh) - ph
+    jj = torch.arange(Wp, device=device).view(1, 1, Wp) * (2 * sw) - pw
+    rows = []
+    for r in offs_r:
+        for c in offs_c:
+            i, j = ii + r, jj + c
+            inside = (i >= 0) & (i < H) & (j >= 0) & (j < W)
+            rows.append(torch.where(inside, b + i.clamp(0, H - 1) * W + j.clamp(0, W - 1), B * H * W).reshape(-1))
+    taps = torch.tensor([[offs_r.index(qi * sh + ti * dh) * len(offs_c) + offs_c.index(qj * sw + tj * dw)
+                          for ti in range(kh) for tj in range(kw)] for qi in (0, 1) for qj in (0, 1)],
+                        dtype=torch.int64)
+    full = _gather_index(kernel, stride, padding, dilation, B, H, W, True, device).view(kh * kw, -1)
+    dtype = full.dtype
+    square = (kh, kw, sh, sw, dh, dw) == (3, 3, 1, 1, 1, 1)
+    return WindowPatches(torch.stack(rows).to(dtype), taps, full[:, 4 * B * Hp * Wp:].contiguous(), square)
 
 
 def im2col_one_channel(delta: torch.Tensor, index: torch.Tensor, taps: int) -> torch.Tensor:

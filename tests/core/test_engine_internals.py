@@ -112,9 +112,9 @@ def test_fused_block_equals_its_layers(side, train, device, loops, layout):
         xs[torch.arange(K), :, ch] += delta
         expected = torch.stack([layers(xs[k]) for k in range(K)]).transpose(1, 2)   # [K, C, B, h, w]
         order = Wn.window_order(B, side, side, x.device)
-        index = Wn.conv_gather_index(conv, B, side, side, True, x.device)
-        one = chan_through_block(bn, delta, ch, conv.weight.transpose(0, 1).flatten(2).contiguous(),
-                                 y.transpose(0, 1).reshape(5, -1)[:, order], index, (B, side, side),
+        old = x.transpose(0, 1).contiguous()                   # [C, B, H, W]
+        one = chan_through_block(bn, old[ch] + delta, old, ch, conv, conv.weight.transpose(0, 1).flatten(2).contiguous(),
+                                 y.transpose(0, 1).reshape(5, -1)[:, order], (B, side, side),
                                  channels_last=layout == "channels-last")
         full = full_through_block(conv, bn, xs.transpose(1, 2).contiguous())
     torch.testing.assert_close(one.t, expected, rtol=1e-12, atol=1e-12)
@@ -149,22 +149,28 @@ def _tol(dtype):
 @pytest.mark.parametrize("side", [7, 8])
 @pytest.mark.parametrize("bn_mode", ["train", "eval", "no affine"])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("geometry", [dict(padding=1), dict(stride=2, padding=1), dict(padding=2, dilation=2)],
-                         ids=["same", "strided", "dilated"])
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0),
+                                      dict(kernel_size=3, stride=2, padding=1),
+                                      dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=(1, 9), padding=(0, 4))],
+                         ids=["same", "valid", "strided", "dilated", "1x9"])
 def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last, geometry):
     _needs_numba()
     g = torch.Generator().manual_seed(4)
-    K, Cout, B = 5, 3, 2
-    conv = nn.Conv2d(1, Cout, 3, **geometry)
+    K, Cout, B, Cin = 5, 3, 2, 4
+    conv = nn.Conv2d(1, Cout, **geometry)
+    old = torch.randn(Cin, B, side, side, generator=g, dtype=dtype)
+    ch = torch.tensor([3, 0, 3, 1, 2])
     delta = torch.randn(K, B, side, side, generator=g, dtype=dtype)
     W = torch.randn(K, Cout, 9, generator=g, dtype=dtype)
     Ho, Wo = Wn.conv_out_size(conv, side, side)
     N, P = B * Ho * Wo, B * (Ho // 2) * (Wo // 2)
     Y = torch.randn(Cout, N, generator=g, dtype=dtype) + 2.0
     bn = nn.BatchNorm2d(Cout, affine=False).to(dtype) if bn_mode == "no affine" else _bn_in(bn_mode, Cout, dtype)
+    patches = Wn.window_patches(conv, B, side, side, delta.device)
+    assert patches.square == (geometry in (dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0)))
+    out = kernels.block_pool(old[ch] + delta, old, ch, patches, W, Y, P, bn, channels_last)
     index = Wn.conv_gather_index(conv, B, side, side, True, delta.device)
-    out = kernels.block_pool(delta, index.long() if side == 7 else index, W, Y, P, bn, channels_last)
-    rows = torch.bmm(W, Wn.im2col_one_channel(delta, index, 9)) + Y                   # [K, Cout, N]
+    rows = torch.bmm(W, Wn.im2col_one_channel((old[ch] + delta) - old[ch], index, 9)) + Y   # [K, Cout, N]
     expected = bn_relu_pool_rows(bn, rows, None, P)                                    # [K, Cout, P]
     torch.testing.assert_close(out.transpose(1, 2) if channels_last else out, expected, **_tol(dtype))
 
@@ -203,10 +209,11 @@ def test_loops_let_nan_through(bn_mode, where):
     torch.testing.assert_close(out[1], expected[1])
     # the block loop: a NaN in the change of one perturbation
     conv = nn.Conv2d(1, C, 3, padding=1)
-    delta, W = torch.randn(2, B, side, side, generator=g), torch.randn(2, C, 9, generator=g)
-    delta[1, 0, 2, 2] = float("nan")
-    index = Wn.conv_gather_index(conv, B, side, side, True, delta.device)
-    out = kernels.block_pool(delta, index, W, Y[:, :N].nan_to_num(), P, bn if bn is not None else
+    new, W = torch.randn(2, B, side, side, generator=g), torch.randn(2, C, 9, generator=g)
+    new[1, 0, 2, 2] = float("nan")
+    old, ch = torch.randn(3, B, side, side, generator=g), torch.tensor([2, 0])
+    patches = Wn.window_patches(conv, B, side, side, new.device)
+    out = kernels.block_pool(new, old, ch, patches, W, Y[:, :N].nan_to_num(), P, bn if bn is not None else
                              _bn_in("eval", C, torch.float32), False)
     assert out[1].isnan().any() and not out[0].isnan().any()
 
