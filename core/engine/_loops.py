@@ -136,8 +136,10 @@ def two_any(V, taps, w, v, y, z, P, tk, tl, zero):
 
 
 @jit
-def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, last, V, T, d, top, out):
-    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ (v[k] − x[ch[k]]))): [P, Cout] (``last``) or [Cout, P].
+def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, last, V, T, d, top, out, avg):
+    """out[k] = relu(BN(2×2 max of Y + W[k] ⊛ (v[k] − x[ch[k]]))): [P, Cout] (``last``) or [Cout, P];
+    or, when ``avg`` [K, Cout, B] is not empty, its mean over each sample's positions into ``avg[k]``
+    (a global average pool next; ``out`` is then not written).
 
     ``v`` [K, M] the new input channel of each perturbation, ``x`` [Cin, M] the cached input (M =
     B·H·W); ``rows``, ``taps``, ``tail_index``, ``square``: :class:`core.engine.windows.WindowPatches`.
@@ -175,6 +177,17 @@ def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, 
                     s2[c] += t2
         for o in range(Cout):
             a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
+        if avg.shape[0]:
+            B = avg.shape[2]
+            S = P // B
+            for o in range(Cout):
+                ao, bo, to = a[o], b[o], top[o]
+                for i in range(B):
+                    acc = zero
+                    for q in range(i * S, i * S + S):
+                        acc += relu(ao * to[q] + bo, zero)
+                    avg[k, o, i] = acc / S
+            continue
         ok = out[k]
         if last:
             for q in range(P):
@@ -223,8 +236,9 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
 
 
 @jit
-def channels_last(y, mode, g, bb, eps, out):
-    """out[k] [B, H/2, W/2, C] = relu(BN(2×2 max of y[k] [B, H, W, C])), statistics over all of y[k]."""
+def channels_last(y, mode, g, bb, eps, out, avg):
+    """out[k] [B, H/2, W/2, C] = relu(BN(2×2 max of y[k] [B, H, W, C])), statistics over all of y[k];
+    and, when ``avg`` [K, B, C] is not empty, its mean over each sample's positions into ``avg[k]``."""
     K, B, H, W, C = y.shape
     h, w = H // 2, W // 2
     n = B * H * W
@@ -258,3 +272,13 @@ def channels_last(y, mode, g, bb, eps, out):
         for p in range(flat.shape[0]):
             for c in range(C):
                 flat[p, c] = relu(a[c] * flat[p, c] + b[c], zero)
+        if avg.shape[0]:
+            S = h * w
+            for bi in range(B):
+                ak = avg[k, bi]
+                ak[:] = zero
+                for p in range(bi * S, bi * S + S):
+                    for c in range(C):
+                        ak[c] += flat[p, c]
+                for c in range(C):
+                    ak[c] /= S

@@ -82,7 +82,7 @@ def chan_from_terms(bn: _BatchNorm | None, ch: torch.Tensor, Y: torch.Tensor, co
 def chan_through_block(bn: _BatchNorm, new: torch.Tensor, old: torch.Tensor, ch: torch.Tensor,
                        conv: nn.Conv2d, w_by_input: torch.Tensor, y_windows: torch.Tensor,
                        out_shape: tuple[int, int, int], channels_last: bool = False,
-                       scratch: Scratch | None = None) -> Full:
+                       scratch: Scratch | None = None, mean: bool = False) -> Full:
     """A block whose conv input changed in one channel per perturbation: ``ch[k]`` is now ``new[k]``.
 
     Args:
@@ -95,6 +95,7 @@ def chan_through_block(bn: _BatchNorm, new: torch.Tensor, old: torch.Tensor, ch:
         channels_last: lay the result out in channels-last memory (the next layer is a
             convolution, :func:`full_through_block`); the compiled loop only.
         scratch: ``scratch(shape, like)`` gives a reusable buffer for the loop's output.
+        mean: return the global average pool of the pool's output instead, [K, Cout, B, 1, 1].
 
     Returns the pool's output [K, Cout, B, H'/2, W'/2]. Cost per perturbation: Cout·kh·kw·B·H'·W'
     multiply-adds (the floor of a one-channel change), in one fused loop for a 9-tap kernel on a CPU
@@ -106,22 +107,27 @@ def chan_through_block(bn: _BatchNorm, new: torch.Tensor, old: torch.Tensor, ch:
     pooled = B * (Ho // 2) * (Wo // 2)
     Wk = w_by_input.index_select(0, ch)                                                  # [K, Cout, taps]
     if taps == 9 and kernels.enabled(new, old, y_windows):
-        shape = (K, pooled, Wk.shape[1]) if channels_last else (K, Wk.shape[1], pooled)
+        Cout = Wk.shape[1]
+        shape = (K, Cout, B) if mean else (K, pooled, Cout) if channels_last else (K, Cout, pooled)
         out = kernels.block_pool(new, old, ch, Wn.window_patches(conv, B, H, W_, new.device), Wk, y_windows,
-                                 pooled, bn, channels_last, scratch(shape, new) if scratch is not None else None)
+                                 pooled, bn, channels_last, scratch(shape, new) if scratch is not None else None,
+                                 mean)
+        if mean:
+            return Full(out.view(K, Cout, B, 1, 1))
         if channels_last:                                                                # [K, pooled, Cout]
             return Full(out.view(K, B, Ho // 2, Wo // 2, -1).permute(0, 4, 1, 2, 3))
         return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
     delta = new - old.index_select(0, ch)                                                # [K, B, H, W]
     U = Wn.im2col_one_channel(delta, Wn.conv_gather_index(conv, B, H, W_, True, new.device), taps)
     rows = torch.bmm(Wk, U).add_(y_windows)              # [K, Cout, N]; faster than baddbmm's broadcast copy
-    out = bn_relu_pool_rows(bn, rows, None, pooled)
-    return Full(out.view(K, -1, B, Ho // 2, Wo // 2))
+    out = bn_relu_pool_rows(bn, rows, None, pooled).view(K, -1, B, Ho // 2, Wo // 2)
+    return Full(out.mean((3, 4), keepdim=True) if mean else out)
 
 
 def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor,
-                       scratch: Scratch | None = None) -> Full:
-    """A block whose conv input changed everywhere: ``t`` [K, C, B, H, W] -> pool output (Full).
+                       scratch: Scratch | None = None, mean: bool = False) -> Full:
+    """A block whose conv input changed everywhere: ``t`` [K, C, B, H, W] -> pool output (Full), or
+    with ``mean`` its global average pool [K, Cout, B, 1, 1].
 
     The convolution runs on channels-last memory (oneDNN's fastest layout here); the statistics
     and the strided maximum read that layout directly, so only the pooled quarter is transposed back.
@@ -133,8 +139,10 @@ def full_through_block(conv: nn.Conv2d, bn: _BatchNorm, t: torch.Tensor,
     y = y.reshape(K, B, Ho, Wo, Cout)
     if kernels.enabled(y):
         out = scratch((K, B, Ho // 2, Wo // 2, Cout), y) if scratch is not None else None
-        return Full(kernels.channels_last_pool(y, bn, out).permute(0, 4, 1, 2, 3))
+        out = kernels.channels_last_pool(y, bn, out, mean)
+        return Full(out.permute(0, 2, 1).view(K, Cout, B, 1, 1) if mean else out.permute(0, 4, 1, 2, 3))
     a, b = bn_scale_shift(bn, y.reshape(K, -1, Cout), None, dim=1)                     # [K, Cout]
     top = maxpool2x2(y.movedim(4, 2)).flatten(3).transpose(2, 3)                        # [K, B, h·w, Cout]
     out = torch.addcmul(b.reshape(-1, 1, 1, Cout), top, a.reshape(-1, 1, 1, Cout)).relu_()   # a, b: [K or 1, Cout]
-    return Full(out.permute(0, 3, 1, 2).reshape(K, Cout, B, Ho // 2, Wo // 2))
+    out = out.permute(0, 3, 1, 2).reshape(K, Cout, B, Ho // 2, Wo // 2)
+    return Full(out.mean((3, 4), keepdim=True) if mean else out)

@@ -126,6 +126,7 @@ class FastCGE(Downstream):
         # pools whose one reader is a fused block's conv: their perturbed values go channels-last
         self.feeds_block = {c.pool for c in self.chains.values()
                             if len(c.pool.users) == 1 and next(iter(c.pool.users)) in self.blocks}
+        self.averaged = G.averaged_pools(self.chains, self.root, inplace)   # pool -> its global average
         self.after = _Descendants(self.nodes)
         self.params = self._owners()
         in_chains = {n for c in self.chains.values() for n in (c.relu,)}

@@ -185,6 +185,19 @@ def find_blocks(nodes: list[fx.Node], root: nn.Module,
     return chains, blocks
 
 
+def averaged_pools(chains: dict[fx.Node, PoolChain], root: nn.Module,
+                   inplace: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Pool node of a chain -> the global average pool (``AdaptiveAvgPool2d(1)``) that alone reads it."""
+    out = {}
+    for c in chains.values():
+        gap = _only_user(c.pool)
+        m = _module(gap, root) if gap is not None else None
+        if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1) and _single_arg(gap) \
+                and gap not in inplace:
+            out[c.pool] = gap
+    return out
+
+
 def coord_kind(m: nn.Module, p: nn.Parameter) -> Coord:
     """The closed form for a parameter of module ``m`` (:attr:`Coord.LAYER` when there is none)."""
     if conv2d_supported(m) or isinstance(m, nn.Linear) or \

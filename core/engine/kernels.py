@@ -91,25 +91,29 @@ def _bn(bn: _BatchNorm | None, C: int, dtype: torch.dtype) -> tuple[int, object,
 
 def block_pool(new: torch.Tensor, old: torch.Tensor, ch: torch.Tensor, patches: Wn.WindowPatches,
                W: torch.Tensor, Y: torch.Tensor, pooled: int, bn: _BatchNorm, channels_last: bool,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, mean: bool = False) -> torch.Tensor:
     """relu(bn(2×2 max of ``Y + W_k ⊛ (new_k − old[ch_k])``)) for a 9-tap conv: [K, pooled, Cout]
-    (``channels_last``, the layout the next convolution reads fastest) or [K, Cout, pooled].
+    (``channels_last``, the layout the next convolution reads fastest) or [K, Cout, pooled]; with
+    ``mean``, its average over each sample's positions instead, [K, Cout, B] (a global average pool).
 
     ``new`` [K, B, H, W]: input channel ``ch[k]`` of perturbation k; ``old`` [Cin, B, H, W] the cached
     input; ``patches``: :func:`core.engine.windows.window_patches` of the conv; ``W`` [K, Cout, 9];
     ``Y`` [Cout, N] (window-major rows of the cached conv output). ``out``: where to write.
     """
     K, Cout = W.shape[:2]
+    B = new.shape[1]
     if out is None:
-        out = new.new_empty(K, pooled, Cout) if channels_last else new.new_empty(K, Cout, pooled)
+        out = new.new_empty(K, Cout, B) if mean else \
+            new.new_empty(K, pooled, Cout) if channels_last else new.new_empty(K, Cout, pooled)
+    avg, out = (out, out.new_empty(0, 0, 0)) if mean else (out.new_empty(0, 0, 0), out)
     new, old = new.reshape(K, -1), old.reshape(old.shape[0], -1)
     rows, taps, tail, square = patches
     work = (new.new_empty(rows.shape[0], pooled), new.new_empty(*tail.shape), new.new_empty(new.shape[1] + 1),
             new.new_empty(Cout, pooled))
     _compiled()[0](_np(new), _np(old), _np(ch), _np(rows), _np(taps), _np(tail), square, _np(W.to(new.dtype)),
-                   _np(Y), pooled, *_bn(bn, Cout, new.dtype), channels_last, *(w.numpy() for w in work),
-                   out.numpy())
-    return out
+                   _np(Y), pooled, *_bn(bn, Cout, new.dtype), channels_last and not mean,
+                   *(w.numpy() for w in work), out.numpy(), avg.numpy())
+    return avg if mean else out
 
 
 def rows_pool(Y: torch.Tensor, ch: torch.Tensor, coef: torch.Tensor, cidx: torch.Tensor, h: torch.Tensor,
@@ -121,9 +125,12 @@ def rows_pool(Y: torch.Tensor, ch: torch.Tensor, coef: torch.Tensor, cidx: torch
     return out
 
 
-def channels_last_pool(y: torch.Tensor, bn: _BatchNorm, out: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(bn(2×2 max)) of ``y`` [K, B, H, W, C] (each k normalised with its own statistics)."""
+def channels_last_pool(y: torch.Tensor, bn: _BatchNorm, out: torch.Tensor | None = None,
+                       mean: bool = False) -> torch.Tensor:
+    """relu(bn(2×2 max)) of ``y`` [K, B, H, W, C] (each k normalised with its own statistics):
+    [K, B, H/2, W/2, C]; with ``mean``, its average over each sample's positions, [K, B, C]."""
     K, B, H, W, C = y.shape
     out = y.new_empty(K, B, H // 2, W // 2, C) if out is None else out
-    _compiled()[2](_np(y), *_bn(bn, C, y.dtype), out.numpy())
-    return out
+    avg = y.new_empty(K, B, C) if mean else y.new_empty(0, 0, 0)
+    _compiled()[2](_np(y), *_bn(bn, C, y.dtype), out.numpy(), avg.numpy())
+    return avg if mean else out

@@ -49,6 +49,7 @@ class Downstream:
     blocks: dict[fx.Node, Any]                     # conv node -> its fused block (core.engine.graph)
     chains: dict[fx.Node, Any]                     # BatchNorm node -> its pool chain
     feeds_block: set[fx.Node]                      # pools read only by a block's conv
+    averaged: dict[fx.Node, fx.Node]               # pool -> the global average pool that alone reads it
 
     def evaluate(self, start: fx.Node, rep: Rep, cache: StepCache, y: Any) -> torch.Tensor:
         """Losses [K] of K perturbations whose effect at node ``start`` is ``rep``."""
@@ -81,7 +82,10 @@ class Downstream:
 
     # -- fused passes ---------------------------------------------------------------------------
     def _fused(self, n: fx.Node, cache: StepCache, changed) -> tuple[fx.Node, Rep, tuple] | None:
-        """(pool node, its rep, nodes consumed) for a block or pool chain that can run fused; else None."""
+        """(last node, its rep, nodes consumed) for a block or pool chain that can run fused; else None.
+
+        The last node is the chain's pool, or for a conv block the global average pool that alone
+        reads it (computed in the same pass)."""
         block, chain = self.blocks.get(n), self.chains.get(n)
         chain = block.chain if block is not None else chain
         if chain is None:
@@ -95,16 +99,18 @@ class Downstream:
             out = L.bn_relu_maxpool2x2(bn, rep)
             return (chain.pool, out, inner) if out is not None else None
         conv, src = self.root.get_submodule(n.target), n.args[0]
+        gap = self.averaged.get(chain.pool)             # a global average pool next: fused too
+        last, inner = (gap, inner + (gap,)) if gap is not None else (chain.pool, inner)
         if isinstance(rep, Full) and rep.t.dim() == 5:
-            return chain.pool, full_through_block(conv, bn, rep.t, cache.scratch(chain.pool)), inner
+            return last, full_through_block(conv, bn, rep.t, cache.scratch(chain.pool), gap is not None), inner
         if not (isinstance(rep, Chan) and rep.v.dim() == 4):
             return None
         B = cache.env[src].shape[0]
         Ho, Wo = cache.env[n].shape[2:]
         out = chan_through_block(bn, rep.v, cache.cm(src), rep.idx, conv, cache.w_by_input(conv),
                                  cache.rows(n, True), (B, Ho, Wo), channels_last=chain.pool in self.feeds_block,
-                                 scratch=cache.scratch(chain.pool))
-        return chain.pool, out, inner
+                                 scratch=cache.scratch(chain.pool), mean=gap is not None)
+        return last, out, inner
 
     # -- one node -------------------------------------------------------------------------------
     def _propagate(self, node: fx.Node, cache: StepCache, changed: dict[fx.Node, Rep], K: int,

@@ -173,6 +173,8 @@ def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last
     rows = torch.bmm(W, Wn.im2col_one_channel((old[ch] + delta) - old[ch], index, 9)) + Y   # [K, Cout, N]
     expected = bn_relu_pool_rows(bn, rows, None, P)                                    # [K, Cout, P]
     torch.testing.assert_close(out.transpose(1, 2) if channels_last else out, expected, **_tol(dtype))
+    mean = kernels.block_pool(old[ch] + delta, old, ch, patches, W, Y, P, bn, channels_last, mean=True)
+    torch.testing.assert_close(mean, expected.view(K, Cout, B, -1).mean(3), **_tol(dtype))   # [K, Cout, B]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -245,6 +247,8 @@ def test_channels_last_loop_equals_layers(dtype, bn_mode, side):
     with torch.no_grad():
         expected = torch.stack([F.max_pool2d(F.relu(bn(y[k].permute(0, 3, 1, 2))), 2) for k in range(K)])
     torch.testing.assert_close(out.permute(0, 1, 4, 2, 3), expected, **_tol(dtype))
+    mean = kernels.channels_last_pool(y, bn, mean=True)                                # [K, B, C]: with the
+    torch.testing.assert_close(mean, expected.mean((3, 4)), **_tol(dtype))           # global average pool
 
 
 def test_float32_estimate_with_loops_is_as_accurate_as_the_naive_loop(loops):
