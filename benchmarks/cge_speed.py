@@ -298,7 +298,7 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="sparse setting only, no naive loop or torchzero")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
     setup()
     rows = [run(True, args.repeats, args.quick)]
