@@ -24,8 +24,8 @@ are for this one coordinate; the K coordinates of a chunk add a leading K to eve
 
 0. :meth:`FastCGE.estimate` runs the caching forward once (``env``: every node's value);
    :meth:`FastCGE._estimate_param` takes W2's coordinates K at a time (the per-shape plan,
-   :mod:`core.engine.planning`, chose K = 83 here on a CPU: the widest value the chunk writes out
-   is pool3's output, as the fused loops never materialise conv3's rows).
+   :mod:`core.engine.planning`, chose K = 83 here on a CPU: the widest value a perturbation makes
+   is its conv2 channel, 14·14 per sample, as the fused loops never materialise conv3's rows).
 1. :func:`core.engine.sources.source`: conv2 starts a fused block (conv2 → BN2 → ReLU → pool2), so
    the new conv2 channel 5 is row 5 of conv2's cached output plus h × row 3·9 + 1·3 + 2 = 32 of the
    im2col of conv2's input (:class:`~core.engine.step.StepCache`), both [12,544] = 64·14·14 in
@@ -36,14 +36,18 @@ are for this one coordinate; the K coordinates of a chunk add a leading K to eve
    ``Chan(idx=[5], v=[1, 64, 7, 7])`` at pool2.
 3. :meth:`core.engine.propagate.Downstream.evaluate` walks on from pool2. conv3 starts a block
    whose input changed in one channel, so :func:`core.engine.blocks.chan_through_block`:
-   δ = v − pool2's cached channel 5 [3,136]; the compiled loop gathers its im2col U [9, 3,136]
-   (window-major) into a cache-resident buffer, then for each of conv3's 18 output channels o forms
-   conv3's cached row o + Σ_t W3[o, 5, t] · U[t] (2·18·9·3,136 = 1.0 MFLOP in all) together with
-   its Σx, Σx² and 2×2 maxima, without writing the [18, 3,136] rows out; BN3's scale, shift and
-   ReLU on the maxima [18, 576]: ``Full(t=[1, 18, 64, 3, 3])`` at pool3. Without the loops (GPU,
-   no Numba): one ``bmm`` writes the rows, and ``sum``, ``vector_norm`` and ``amax`` read them.
-4. :mod:`core.engine.layers`: the global average pool → [1, 18, 64, 1, 1] (a matrix-vector
-   product), flatten → [1, 18, 64], Linear → logits [1, 10, 64] (2·10·18·64 = 23 kFLOP).
+   the compiled loop forms δ = v − pool2's cached channel 5 [3,136] and gathers, into
+   cache-resident buffers, the 4×4 input patch of each of the 576 2×2 windows of conv3's 7×7
+   output (V [16, 576], :func:`core.engine.windows.window_patches`) and the im2col of the 13·64
+   positions no window covers (T [9, 832]). For each of conv3's 18 output channels o it forms
+   conv3's cached row o + Σ_t W3[o, 5, t] · (δ shifted by tap t) (2·18·9·3,136 = 1.0 MFLOP in all)
+   together with its Σx, Σx² and 2×2 maxima, without writing the [18, 3,136] rows out; then BN3's
+   scale, shift and ReLU on the maxima [18, 576] and, as a global average pool reads pool3 alone,
+   their mean per sample: ``Full(t=[1, 18, 64, 1, 1])`` at the average pool. Without the loops
+   (GPU, no Numba): one ``bmm`` writes the rows, ``sum``, ``vector_norm`` and ``amax`` read them,
+   and a mean pools them.
+4. :mod:`core.engine.layers`: flatten → [1, 18, 64], Linear → logits [1, 10, 64]
+   (2·10·18·64 = 23 kFLOP).
 5. :class:`core.engine.losses.BatchedLoss`: closed-form cross-entropy ℓ [1]; ĝ_842 = (ℓ − ℓ0) / μ.
 
 Parameters without a closed form (custom modules, shared weights, parameters used functionally)
