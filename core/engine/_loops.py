@@ -244,6 +244,8 @@ def channels_last(y, mode, g, bb, eps, out, avg):
     n = B * H * W
     s1 = np.empty(C)
     s2 = np.empty(C)
+    t1 = np.empty(C, dtype=y.dtype)                # one sample's sums in the rows' dtype (vectorised),
+    t2 = np.empty(C, dtype=y.dtype)                # added up over the samples in float64
     a = np.zeros(C, dtype=y.dtype)
     b = np.empty(C, dtype=y.dtype)
     zero = a[0]
@@ -252,13 +254,18 @@ def channels_last(y, mode, g, bb, eps, out, avg):
         s1[:] = 0.0
         s2[:] = 0.0
         for bi in range(B):
+            t1[:] = zero
+            t2[:] = zero
             for i in range(H):
                 row = yk[bi, i]
                 for j in range(W):
                     v = row[j]
                     for c in range(C):
-                        s1[c] += v[c]
-                        s2[c] += v[c] * v[c]
+                        t1[c] += v[c]
+                        t2[c] += v[c] * v[c]
+            for c in range(C):
+                s1[c] += t1[c]
+                s2[c] += t2[c]
             for i in range(h):
                 r0, r1 = yk[bi, 2 * i], yk[bi, 2 * i + 1]
                 orow = ok[bi, i]
