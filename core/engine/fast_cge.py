@@ -13,9 +13,9 @@ engine gets the same losses by
    train-mode BatchNorm normalising each with its own statistics;
 4. **fused blocks**: Conv2d → BatchNorm2d → ReLU → MaxPool2d(2) runs as one pass over rows in
    2×2-window-major order (:mod:`core.engine.blocks`, :mod:`core.engine.windows`).
-5. **no work where the answer is known**: a conv or linear bias read only by train-mode
-   BatchNorm changes nothing (BN subtracts the shifted mean), so its coordinates get exactly 0
-   without an evaluation (:mod:`core.engine.planning`).
+5. **no work where the answer is known**: a conv or linear bias read only by a BatchNorm that
+   normalises with the batch's statistics (train mode) changes nothing (BN subtracts the shifted
+   mean), so its coordinates get exactly 0 without an evaluation (:mod:`core.engine.planning`).
 
 Worked trace: one coordinate of the second conv of the paper's depth-3 CNN on MNIST (B = 64;
 [conv 3×3 18ch → BN → ReLU → maxpool 2] × 3, global average pool, Linear(18, 10)), the weight

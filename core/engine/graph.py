@@ -59,7 +59,7 @@ class Coord(Enum):
     LINEAR_WEIGHT = auto()  # W[i, j] of a Linear: unit i += h · x_j
     BN_WEIGHT = auto()      # γ[c] of a BatchNorm: channel c += h · x̂_c
     BIAS = auto()           # a Conv2d/Linear/BatchNorm bias: channel or unit += h
-    ABSORBED = auto()       # a conv/linear bias read only by train-mode BatchNorm: its difference is 0
+    ABSORBED = auto()       # a conv/linear bias read only by batch-statistics BatchNorm: difference 0
     LAYER = auto()          # no closed form: perturb in place, recompute from the owning layer
     MODEL = auto()          # shared or used functionally: perturb in place, recompute everything
 

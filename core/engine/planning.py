@@ -83,13 +83,14 @@ class ShapePlanner:
         if len(node.users) != 1:
             return False
         (bn,) = node.users
-        m = self.engine._module(bn)
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) and bn_uses_batch_stats(m) and \
+        m = self.engine._module(bn)                   # PyTorch's own BatchNorm (a subclass may do more)
+        return type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and bn_uses_batch_stats(m) and \
             bn.args == (node,) and not bn.kwargs
 
     def _unmaterialised(self, x: torch.Tensor) -> dict[fx.Node, tuple[fx.Node, ...]]:
         """Block conv -> the nodes of its block whose values the CPU loop never writes out when the
-        block's input changed in one channel (:mod:`core.engine.kernels`: only the pool output is)."""
+        block's input changed in one channel (:mod:`core.engine.kernels`: only the pool output is, or
+        not even that when a global average pool follows; counting it keeps K conservative)."""
         if not kernels.enabled(x):
             return {}
         root = self.engine.root

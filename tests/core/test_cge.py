@@ -122,6 +122,7 @@ def test_bias_read_only_by_train_mode_batchnorm_is_exactly_zero_and_not_evaluate
     noise = [p.grad.abs().max() for p in biases]
     fast = CGE(model, central=central)
     fast.backward(F.cross_entropy, x, y)
+    assert fast.last_engine == "fast"
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in biases)
     assert all(n <= 1e-10 for n in noise)              # the naive loop's value there is rounding noise
     assert (_grads(model) - g_naive).norm() <= 1e-8 * g_naive.norm()
@@ -138,7 +139,9 @@ def test_bias_read_only_by_train_mode_batchnorm_is_exactly_zero_and_not_evaluate
     other = _BNAndSkip().double()                      # BatchNorm is not the bias's only reader
     CGE(other, central=central, engine="naive").backward(F.cross_entropy, x, y)
     g_naive = _grads(other).clone()
-    CGE(other, central=central).backward(F.cross_entropy, x, y)
+    fast = CGE(other, central=central)
+    fast.backward(F.cross_entropy, x, y)
+    assert fast.last_engine == "fast"
     assert other.conv.bias.grad.abs().min() > 1e-6
     assert (_grads(other) - g_naive).norm() <= 1e-8 * g_naive.norm()
 
@@ -148,7 +151,9 @@ def test_normalised_away_bias_follows_a_nan_loss():
     model = small_cnn().double()
     x, y = _inputs("cnn")
     x[0, 0, 2, 2] = float("nan")
-    CGE(model).backward(F.cross_entropy, x, y)
+    zo = CGE(model)
+    zo.backward(F.cross_entropy, x, y)
+    assert zo.last_engine == "fast"
     assert model[0].bias.grad.isnan().all()             # as the naive loop: no number from a NaN loss
 
 

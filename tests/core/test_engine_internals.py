@@ -151,8 +151,10 @@ def _tol(dtype):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("geometry", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=0),
                                       dict(kernel_size=3, stride=2, padding=1),
-                                      dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=(1, 9), padding=(0, 4))],
-                         ids=["same", "valid", "strided", "dilated", "1x9"])
+                                      dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=(1, 9), padding=(0, 4)),
+                                      dict(kernel_size=(9, 1), padding=(4, 0)),
+                                      dict(kernel_size=3, stride=(1, 2), dilation=(2, 1), padding=2)],
+                         ids=["same", "valid", "strided", "dilated", "1x9", "9x1", "mixed"])
 def test_block_loop_equals_matmul_and_layers(dtype, side, bn_mode, channels_last, geometry):
     _needs_numba()
     g = torch.Generator().manual_seed(4)
