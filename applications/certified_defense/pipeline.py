@@ -43,7 +43,7 @@ def _default_path(*parts: str) -> Path:
 # -- the target -------------------------------------------------------------------------------------
 def train_and_save_target(cfg: DefenseConfig, *, out: str | None = None, data=None) -> tuple[Path, float, str]:
     """Train the classifier to defend, save it as a self-describing checkpoint, log a run."""
-    from applications.certified_defense.targets import save_target, train_target
+    from applications.certified_defense.provider import save_target, train_target
     from core.runtime.config import flatten
     from core.runtime.seeding import seed_everything
     from core.runtime.tracking import Tracker

@@ -285,7 +285,8 @@ class DefenseExperiment(Experiment):
 
 def target_from_config(cfg: DefenseConfig, data: Dataset):
     """The classifier as a query-only target: trained here (``target.source=train``) or loaded."""
-    from applications.certified_defense.targets import TargetError, load_target, target_from_module, train_target
+    from applications.certified_defense.provider import train_target
+    from applications.certified_defense.targets import TargetError, load_target, target_from_module
 
     t = cfg.target
     if t.source == "train":

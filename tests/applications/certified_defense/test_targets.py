@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from applications.certified_defense.targets import (Target, TargetError, load_target, save_target,
-                                                    serve_target, train_target)
+from applications.certified_defense.provider import save_target, serve_target, train_target
+from applications.certified_defense.targets import Target, TargetError, load_target
 from core import BudgetExceeded, NotDifferentiable
 from core.models import Normalize, from_spec
 from core.runtime.checkpoint import save_checkpoint
