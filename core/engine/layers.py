@@ -43,13 +43,9 @@ def pool(m: nn.Module, v: torch.Tensor) -> torch.Tensor:
     """A channel-local 2-D pooling module on [N, *, H, W] (any number of leading dims)."""
     if is_plain_2x2(m):
         return maxpool2x2(v)
-    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):    # global average pool
-        n = v.shape[-2] * v.shape[-1]
-        if v.dim() == 5 and not v.is_contiguous() and v.permute(0, 2, 3, 4, 1).is_contiguous():
-            K, C, B = v.shape[:3]                    # [K, C, B, h, w] over channels-last memory (a fused
-            s = v.permute(0, 2, 3, 4, 1).reshape(K, B, n, C).sum(2).div_(n)    # block's output): no copy
-            return s.permute(0, 2, 1).view(K, C, B, 1, 1)
-        return (v.reshape(-1, n) @ v.new_ones(n)).div_(n).view(*v.shape[:-2], 1, 1)   # a matrix-vector
+    if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):    # global average pool:
+        n = v.shape[-2] * v.shape[-1]                                            # a matrix-vector product
+        return (v.reshape(-1, n) @ v.new_ones(n)).div_(n).view(*v.shape[:-2], 1, 1)   # sums 9 faster
     lead = v.shape[:-2]
     out = m(v.reshape(-1, 1, *v.shape[-2:]))
     return out.reshape(*lead, *out.shape[-2:])
