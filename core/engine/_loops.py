@@ -43,17 +43,22 @@ def gather(d, index, U):                         # U[t, n] = d[index[t, n]]: one
 
 
 @jit
-def tail(y, u0, u1, u2, u3, u4, u5, u6, u7, u8, w, zero):
-    """(Σ, Σ²) of the positions no window covers (odd sides); 1-D slices from 0 vectorise."""
+def tail2(y, z, T, w, v, zero):
+    """(Σ, Σ²) of two output channels (weights ``w``, ``v``; cached rows ``y``, ``z``) at the
+    positions no window covers (odd sides); ``T`` [9, n] their im2col, each value loaded once."""
+    u0, u1, u2, u3, u4, u5, u6, u7, u8 = T[0], T[1], T[2], T[3], T[4], T[5], T[6], T[7], T[8]
     w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-    a1 = zero
-    a2 = zero
+    v0, v1, v2, v3, v4, v5, v6, v7, v8 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
+    a1, a2, c1, c2 = zero, zero, zero, zero
     for m in range(y.shape[0]):
-        r = y[m] + w0 * u0[m] + w1 * u1[m] + w2 * u2[m] + w3 * u3[m] + w4 * u4[m] \
-            + w5 * u5[m] + w6 * u6[m] + w7 * u7[m] + w8 * u8[m]
+        x0, x1, x2, x3, x4, x5, x6, x7, x8 = u0[m], u1[m], u2[m], u3[m], u4[m], u5[m], u6[m], u7[m], u8[m]
+        r = y[m] + w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3 + w4 * x4 + w5 * x5 + w6 * x6 + w7 * x7 + w8 * x8
+        q = z[m] + v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3 + v4 * x4 + v5 * x5 + v6 * x6 + v7 * x7 + v8 * x8
         a1 += r
         a2 += r * r
-    return a1, a2
+        c1 += q
+        c2 += q * q
+    return a1, a2, c1, c2
 
 
 # two16/two_any spell out the four corners of each 2×2 window: as a loop over the corners, LLVM no
@@ -171,28 +176,37 @@ def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, 
             else:
                 s1[o], s2[o], s1[p], s2[p] = two_any(V, taps, Wk[o], Wk[p], Y[o], Y[p], P, top[o], top[p], zero)
             if e < N:
-                for c in range(o, p + 1):
-                    t1, t2 = tail(Y[c][e:], T[0], T[1], T[2], T[3], T[4], T[5], T[6], T[7], T[8], Wk[c], zero)
-                    s1[c] += t1
-                    s2[c] += t2
+                t1, t2, u1, u2 = tail2(Y[o][e:], Y[p][e:], T, Wk[o], Wk[p], zero)
+                s1[o] += t1
+                s2[o] += t2
+                if p != o:
+                    s1[p] += u1
+                    s2[p] += u2
         for o in range(Cout):
             a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
+        if avg.shape[0] or last:                     # normalise in place, then average or transpose
+            for o in range(Cout):
+                ao, bo, to = a[o], b[o], top[o]
+                for q in range(P):
+                    to[q] = relu(ao * to[q] + bo, zero)
         if avg.shape[0]:
             B = avg.shape[2]
             S = P // B
             for o in range(Cout):
-                ao, bo, to = a[o], b[o], top[o]
+                to, ao = top[o], avg[k, o]
                 for i in range(B):
-                    acc = zero
-                    for q in range(i * S, i * S + S):
-                        acc += relu(ao * to[q] + bo, zero)
-                    avg[k, o, i] = acc / S
+                    ao[i] = zero
+                for j in range(S):                   # strided over the samples: vectorises
+                    for i in range(B):
+                        ao[i] += to[i * S + j]
+                for i in range(B):
+                    ao[i] /= S
             continue
         ok = out[k]
         if last:
             for q in range(P):
                 for o in range(Cout):
-                    ok[q, o] = relu(a[o] * top[o, q] + b[o], zero)
+                    ok[q, o] = top[o, q]
         else:
             for o in range(Cout):
                 ao, bo, to, oo = a[o], b[o], top[o], ok[o]
