@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,55 @@ def _resume_hint(ckpt: Path | None, prog: str, nproc: int) -> str:
             f"{shlex.quote(str(ckpt))} --nproc {nproc}")
 
 
+def _grace() -> float:
+    """Seconds a rank gets to end after torchrun told it to (SIGTERM), before SIGKILL: torch's
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` when set, else 20."""
+    value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "20")
+    if not value.isdigit():
+        raise UserError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 0; got {value!r}")
+    return float(value)
+
+
+class _Reaper:
+    """Kills, ``grace`` seconds after torchrun sent them SIGTERM, the ranks still running.
+
+    torchrun stops the other ranks when one fails, but waits a fixed 30 s for a hung rank (one that
+    cannot act on SIGTERM) whatever its ``--shutdown-timeout``. This reads torchrun's log for the
+    pids it is closing and sends SIGKILL itself, only to a process that is still torchrun's child
+    (Linux's ``/proc``; elsewhere torchrun's own wait applies).
+    """
+
+    def __init__(self, log: Path, torchrun: int, grace: float) -> None:
+        self.log, self.torchrun, self.grace = log, torchrun, grace
+        self.offset, self.closing = 0, {}                  # pid -> when torchrun sent SIGTERM
+
+    def poll(self) -> None:
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1                         # whole lines only
+        self.offset += cut
+        now = time.monotonic()
+        for pid in re.findall(rb"Sending process (\d+) closing signal", data[:cut]):
+            self.closing.setdefault(int(pid), now)
+        for pid, since in list(self.closing.items()):
+            if now - since >= self.grace:
+                del self.closing[pid]
+                if self._parent(pid) == self.torchrun:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+
+    @staticmethod
+    def _parent(pid: int) -> int | None:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        return int(stat[stat.rfind(")") + 2:].split()[1])  # the fields after the command name: state, ppid
+
+
 def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkpoint_of) -> int:
     """Run this training command on ``args.nproc`` ranks under torchrun; report the outcome.
 
@@ -217,11 +267,11 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
     Returns:
         0; else the exit status of the rank that ended the run (1 when it was killed).
     """
-    nproc = args.nproc
+    nproc, grace = args.nproc, _grace()
     folder = Path(tempfile.mkdtemp(prefix="deepzero-ranks-"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
-           "--log-dir", str(folder), "--redirects", "3", "--shutdown-timeout", "20",
+           "--log-dir", str(folder), "--redirects", "3", "--shutdown-timeout", str(int(grace)),
            "-m", "applications", *prog.split()[1:], *rank_argv(args, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": str(getattr(args, "threads", 1)), "PYTHONUNBUFFERED": "1"}
     if loopback() and "GLOO_SOCKET_IFNAME" not in env:
@@ -232,10 +282,12 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
     def pump():
         while not done.wait(0.1):
             relay.poll()
+            reaper.poll()
 
     interrupted = False
     with open(folder / "torchrun.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        reaper = _Reaper(folder / "torchrun.log", proc.pid, grace)
         previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
         thread = threading.Thread(target=pump, daemon=True)
         thread.start()

@@ -134,11 +134,16 @@ def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
     (["--nproc", "two"], "argument --nproc: invalid int value: 'two'"),
     (["--nproc", "2", "--dist-timeout", "0"], "--dist-timeout must be a number of seconds > 0"),
     (["--nproc", "2", "--set", "optim.method=zo-rge"], "optim.method=zo-rge would repeat the same work"),
+    (["--nproc", "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=2.5"],          # the ranks' grace, from the environment
+     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 0; got '2.5'"),
 ])
 def test_bad_nproc_is_one_line(tmp_path, monkeypatch, capsys, args, expected):
     from applications.classification.cli import main
 
     monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path))
+    for name, _, value in (a.partition("=") for a in args if a.startswith("TORCH_")):
+        monkeypatch.setenv(name, value)
+    args = [a for a in args if not a.startswith("TORCH_")]
     try:
         code = main(["train", "--preset", "smoke", *args])
     except SystemExit as exc:                             # argparse's own errors
@@ -166,10 +171,11 @@ def _rank_pid(home: Path, rank: int) -> int | None:
     return None
 
 
-def _interrupt_rank(home: Path, rank: int, sig: int, *extra: str) -> tuple[subprocess.CompletedProcess, Path, float]:
+def _interrupt_rank(home: Path, rank: int, sig: int, *extra: str,
+                    env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path, float]:
     """Start a 2-rank run, send ``sig`` to ``rank`` once epoch 1's checkpoint exists; wait for the end."""
     child = subprocess.Popen([sys.executable, "-m", "applications", *ARGS, "--nproc", "2", *extra], cwd=ROOT,
-                             env=_env(DEEPZERO_HOME=str(home)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=_env(DEEPZERO_HOME=str(home), **(env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     deadline, ckpts = time.time() + 240, []
     while not ckpts and time.time() < deadline and child.poll() is None:
@@ -250,15 +256,61 @@ def test_hung_rank_ends_the_run_after_the_timeout_and_is_named(tmp_path, hung):
     checkpoint I/O): rank 1 times out, and the launcher's line is rank 1's."""
     from core.runtime.checkpoint import load_checkpoint
 
-    proc, ckpt, took = _interrupt_rank(tmp_path, hung, signal.SIGSTOP, "--dist-timeout", "5")
+    proc, ckpt, took = _interrupt_rank(tmp_path, hung, signal.SIGSTOP, "--dist-timeout", "5",
+                                       env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"})   # torchrun's grace
     line = _stop_line(proc)
     # stopped before the collective ("which never reached the ...") or inside it ("inside the ...")
     assert f"lost contact with rank {hung}" in line and "Timed out" in line, line
     if hung == 0:
         assert "stopped: rank 1 of 2 lost contact with rank 0" in line, line
     assert "the checkpoint of epoch 1 is kept" in line
-    assert took < 5 + 90                                       # the timeout, the other's close, torchrun's grace
+    # the timeout, the other rank's close and the launcher's 3 s grace; torchrun alone waits 30 s
+    assert took < 5 + 3 + 20, took
     assert load_checkpoint(ckpt, app="classify")["epoch"] == 1
+
+
+@linux_only
+def test_reaper_kills_only_the_ranks_torchrun_closes_and_only_its_own_children(tmp_path):
+    """torchrun's "closing signal" lines name the pids; after the grace a stopped child is killed,
+    a pid that is not the launcher's child (here a grandchild) is left alone."""
+    from core.runtime.launch import _Reaper
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    child = subprocess.Popen(sleeper)
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen(sys.argv[1:]); "
+                               "print(p.pid, flush=True); p.wait()", *sleeper], stdout=subprocess.PIPE, text=True)
+    grandchild = int(parent.stdout.readline())
+    try:
+        os.kill(child.pid, signal.SIGSTOP)                      # a hung rank: SIGTERM would do nothing
+        log = tmp_path / "torchrun.log"
+        log.write_bytes(b"W1207 api.py:1028] Sending process %d closing signal SIGTERM\n" % child.pid
+                        + b"W1207 api.py:1028] Sending process %d closing signal SIGTERM\n" % grandchild
+                        + b"W1207 api.py:1028] Sending process %d clos" % child.pid)   # a line still being written
+        reaper = _Reaper(log, os.getpid(), grace=0.3)
+        reaper.poll()
+        assert set(reaper.closing) == {child.pid, grandchild}
+        assert child.poll() is None
+        time.sleep(0.4)
+        reaper.poll()
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        assert not reaper.closing
+        time.sleep(0.2)
+        assert _alive(grandchild)
+    finally:
+        for p in (child, parent):
+            p.kill()
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def test_a_timed_out_collective_names_the_ranks_that_never_reached_it(monkeypatch):
