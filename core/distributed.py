@@ -4,7 +4,7 @@ CGE's coordinates are independent, so R processes can split them (DeepZero, Chen
 "forward parallelization"). Per step, on every rank::
 
     active  = the step's active coordinates          (same sparsity plan and seed on every rank)
-    shares  = split(active, costs)                    (whole parameters, balanced by measured cost)
+    shares  = split(active, costs)                    (at batch boundaries, balanced by measured cost)
     g_mine  = FastCGE on shares[rank]                 (its own unperturbed forward, its own queries)
     g       = all-gather(g_mine)                      (one collective; shard values only)
     optimizer.step()                                  (the same update of the same weights everywhere)
@@ -17,12 +17,14 @@ shares differ in length (a cost split gives a rank more cheap coordinates or few
 gloo's all_gather needs equal lengths, so the all-gather runs as one ``all_to_all_single``
 (padding to the longest share would send up to R times the bytes).
 
-Exactness: by default a parameter is never cut between ranks, so the engine evaluates each
-parameter's coordinates in the same batches as in one process and the gradient equals the
-one-process gradient bit for bit (whatever the engine's batching; tested in float64 and float32
-on CPU). ``Shard(exact=False)`` also cuts inside parameters (contiguous runs of equal cost):
-better balance when one parameter dominates the cost, equal to one process within rounding
-(a coordinate's loss is computed in another batch of perturbations).
+Exactness: by default a parameter is cut between ranks only where one process's engine starts
+a new batch of perturbations (a multiple of that parameter's batch size, counted from its first
+active coordinate: :meth:`core.CGE.cut_units`), so every rank evaluates the same batches as one
+process and the gradient equals the one-process gradient bit for bit (tested in float64 and
+float32 on CPU). Until the engine has planned the input's shape (the first step, or a first batch
+of another size) parameters stay whole, which is exact too. ``Shard(exact=False)`` cuts anywhere
+(contiguous runs of equal cost): equal to one process within rounding (a coordinate's loss is
+then computed in another batch of perturbations).
 
 Costs: on the first step the split balances coordinate counts and each rank times its share
 parameter by parameter (one engine call per parameter, buffers restored in between; the
@@ -59,7 +61,7 @@ class RanksDisagree(RuntimeError):
 
 # -- splitting coordinates ----------------------------------------------------------------------------
 def split(active: list[torch.Tensor], world: int, costs: list[float] | None = None, *,
-          whole: bool = True) -> list[list[torch.Tensor]]:
+          whole: bool = True, units: list[int] | None = None) -> list[list[torch.Tensor]]:
     """Share the active coordinates among ``world`` ranks with equal total cost.
 
     Args:
@@ -68,26 +70,32 @@ def split(active: list[torch.Tensor], world: int, costs: list[float] | None = No
         costs: the cost of one coordinate of each parameter (None: all equal).
         whole: keep each parameter on one rank (largest total cost first, each to the least
             loaded rank); else cut the coordinates, in parameter order, into contiguous runs.
+        units: instead of either, contiguous runs in parameter order cut inside parameter i only
+            after a multiple of ``units[i]`` of its active coordinates (the engine's batches,
+            :meth:`core.CGE.cut_units`): nearly the balance of free cuts, the batches of one process.
     Returns:
         ``shares[r][i]``: the indices of parameter i that rank r evaluates (slices of
         ``active[i]``; together a partition of it). Deterministic: every rank computes the same.
     """
     c = [1.0] * len(active) if costs is None else [float(v) for v in costs]
     n = [int(idx.numel()) for idx in active]
-    if whole:
+    if whole and units is None:
         load, owner = [0.0] * world, [0] * len(active)
         for i in sorted(range(len(active)), key=lambda i: (-n[i] * c[i], i)):
             owner[i] = min(range(world), key=lambda r: (load[r], r))
             load[owner[i]] += n[i] * c[i]
         return [[idx if owner[i] == r else idx[:0] for i, idx in enumerate(active)] for r in range(world)]
+    step = [1] * len(active) if units is None else [max(1, int(u)) for u in units]
     total = sum(k * v for k, v in zip(n, c))
     shares: list[list[torch.Tensor]] = [[] for _ in range(world)]
     start = 0.0
-    for idx, k, v in zip(active, n, c):
+    for idx, k, v, u in zip(active, n, c, step):
         if total > 0 and k:
-            centre = start + (torch.arange(k, dtype=torch.float64) + 0.5) * v      # [k] cumulative cost
+            size = torch.full(((k + u - 1) // u,), float(u), dtype=torch.float64)  # runs of u, the last shorter
+            size[-1] = k - u * (len(size) - 1)
+            centre = start + (size.cumsum(0) - size / 2) * v                         # cumulative cost at each run
             owner = (centre * (world / total)).floor().clamp_(0, world - 1).long()
-            counts = torch.bincount(owner, minlength=world).tolist()
+            counts = torch.zeros(world, dtype=torch.float64).index_add_(0, owner, size).long().tolist()
         else:
             counts = [k] + [0] * (world - 1)
         lo = 0
@@ -126,8 +134,8 @@ class Shard:
         calibrate: time the first step per parameter and split later steps by cost (else: by
             coordinate counts).
         check: compare the ranks' unperturbed losses and active sets every step.
-        exact: never cut a parameter between ranks (bit for bit the one-process gradient); False
-            also cuts inside parameters (better balance; equal within rounding).
+        exact: cut a parameter between ranks only at the engine's batch boundaries (bit for bit
+            the one-process gradient); False cuts anywhere (equal within rounding).
 
     Attributes:
         costs: seconds per coordinate of each owned parameter once calibrated, else None.
@@ -136,6 +144,8 @@ class Shard:
             checks) to each of the other ranks.
         last_compute_s, last_wait_s: this rank's seconds estimating its share, and in the
             all-gather (mostly waiting for slower ranks), in the last step.
+        last_shares: the last step's split, ``last_shares[r][i]`` the coordinates of parameter i
+            that rank r estimated (None before the first step).
     """
 
     def __init__(self, *, group: Any = None, calibrate: bool = True, check: bool = True,
@@ -151,6 +161,7 @@ class Shard:
         self.calibration_queries = 0
         self.last_bytes = 0
         self.last_compute_s = self.last_wait_s = 0.0
+        self.last_shares: list[list[torch.Tensor]] | None = None
 
     # -- one step -----------------------------------------------------------------------------------
     def backward(self, zo: Any, call: Any, active: list[torch.Tensor]) -> torch.Tensor:
@@ -164,9 +175,11 @@ class Shard:
             shares = split(active, self.world, whole=self.exact)
             loss0, grads = self._calibrated(zo, call, shares)
         else:
-            shares = split(active, self.world, self.costs, whole=self.exact)
+            units = zo.cut_units(call) if self.exact else None
+            shares = split(active, self.world, self.costs, whole=self.exact, units=units)
             loss0, grads = zo._estimate(call, shares[self.rank])
         spent = zo.queries - before
+        self.last_shares = shares
         self.last_compute_s = time.perf_counter() - start
         full, total = self._gather(zo, shares, grads, loss0, spent, active)
         self.local_queries += spent

@@ -167,6 +167,11 @@ class FastCGE(Downstream):
     def _modes(self) -> tuple[bool, ...]:
         return tuple(m.training for m in self.model.modules())
 
+    def units(self, x: torch.Tensor, chunk: int | None, central: bool) -> list[int] | None:
+        """Per owned parameter, the coordinates :meth:`estimate` evaluates in one batch on ``x``
+        (:meth:`core.engine.planning.ShapePlanner.units`); None until planned for this shape and mode."""
+        return None if self._modes() != self._traced_modes else self.planner.units(x, chunk, central)
+
     # -- the estimate ------------------------------------------------------------------------------
     def estimate(self, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, mu: float, central: bool,
                  active: list[torch.Tensor], full_forward: Callable[[], torch.Tensor],

@@ -53,6 +53,20 @@ class ShapePlanner:
             self._key, self._plans = key, [self._shaped(p, env, chunk) for p in self.engine.params]
         return self._plans
 
+    def units(self, x: torch.Tensor, chunk: int | None, central: bool) -> list[int] | None:
+        """Per owned parameter, how many of its coordinates one batch evaluates on input ``x``
+        (None: no plan for this shape yet).
+
+        The engine takes a parameter's coordinates in batches of this many, from the first one it
+        is given; a caller that splits the coordinates at multiples of it (counted from the
+        parameter's first active coordinate) gets the batches of one call, bit for bit
+        (:func:`core.distributed.split`). Coordinates perturbed in place or skipped count 1.
+        """
+        if (tuple(x.shape), x.dtype, x.device, chunk, kernels.enabled(x)) != self._key:
+            return None
+        return [1 if p.coord in (Coord.LAYER, Coord.MODEL, Coord.ABSORBED)
+                else max(1, p.chunk // 2) if central else p.chunk for p in self._plans]
+
     def _shaped(self, plan: SourcePlan, env: dict[fx.Node, Any], chunk: int | None) -> SourcePlan:
         coord, node = plan.coord, plan.node
         if coord in (Coord.LAYER, Coord.MODEL):

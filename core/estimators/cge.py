@@ -109,6 +109,21 @@ class CGE(ZOEstimator):
         self._set_grads(grads)
         return loss0
 
+    def cut_units(self, call: ObjectiveCall) -> list[int] | None:
+        """Per owned parameter, the multiple of coordinates at which a split of its active
+        coordinates keeps this call's results bit for bit (None: keep parameters whole).
+
+        The fast engine evaluates a parameter's coordinates in batches fixed by the input's shape
+        (known once it ran on that shape); the naive loop one at a time; batched objectives in
+        batches that run across parameters (None).
+        """
+        if call.kind == "batched":
+            return None
+        if call.kind == "supervised" and self.engine != "naive" and not self._fast_failed:
+            fast = self._fast
+            return None if fast is None else fast.units(call.x, self.chunk, self.central)
+        return [1] * len(self.named_params)
+
     def _estimate(self, call: ObjectiveCall, active: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(unperturbed loss, flat gradient per owned parameter) over the coordinates ``active``.
 

@@ -9,6 +9,7 @@ import faulthandler
 import sys
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,12 +21,26 @@ from core import CGE, SparsityPlan, objective, random_ratios   # noqa: E402
 from core import distributed as D                              # noqa: E402
 from tests.core.toy_models import mlp, small_cnn               # noqa: E402
 
-# name -> (model, dtype, central, sparse masks, objective kind, steps, parameters kept whole)
+class Scenario(NamedTuple):
+    model: str
+    dtype: torch.dtype
+    central: bool
+    sparse: bool                    # random 50% masks, fresh every step
+    objective: str                  # "supervised" or "general"
+    steps: int
+    exact: bool                     # Shard(exact=...)
+    chunk: int | None = None        # the engine's batch of perturbations (None: its own choice)
+    calibrate: bool = True
+
+
 SCENARIOS = {
-    "cnn-float64-sparse": ("cnn", torch.float64, False, True, "supervised", 3, True),
-    "mlp-float32-central": ("mlp", torch.float32, True, False, "supervised", 2, True),
-    "mlp-float64-general": ("mlp", torch.float64, False, True, "general", 2, True),
-    "cnn-float64-cut": ("cnn", torch.float64, False, False, "supervised", 2, False),
+    "cnn-float64-sparse": Scenario("cnn", torch.float64, False, True, "supervised", 3, True),
+    "mlp-float32-central": Scenario("mlp", torch.float32, True, False, "supervised", 2, True),
+    "mlp-float64-general": Scenario("mlp", torch.float64, False, True, "general", 2, True),
+    "cnn-float64-cut": Scenario("cnn", torch.float64, False, False, "supervised", 2, False),
+    # batches of 3 perturbations, split by counts: the exact split cuts conv2's weight after whole batches
+    "cnn-float32-batches": Scenario("cnn", torch.float32, False, True, "supervised", 3, True, chunk=3,
+                                    calibrate=False),
 }
 B = 8
 
@@ -40,11 +55,12 @@ def batch(kind: str, step: int, dtype: torch.dtype, skew: int = 0):
 
 
 def run(name: str, shard=None) -> dict:
-    kind, dtype, central, sparse, obj, steps, _ = SCENARIOS[name]
+    kind, dtype, central, sparse, obj, steps, _, chunk, _ = SCENARIOS[name]
     torch.manual_seed(0)
     model = (small_cnn() if kind == "cnn" else mlp()).to(dtype)
     plan = SparsityPlan(model, random_ratios(model, 0.5), refresh_every=1, seed=3) if sparse else None
-    zo = CGE(model, mu=1e-3, central=central, sparsity=plan, shard=shard)
+    zo = CGE(model, mu=1e-3, central=central, sparsity=plan, shard=shard, chunk=chunk)
+    cut = []                                   # parameters split between the ranks, per step
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses, grads = [], []
     for step in range(steps):
@@ -55,6 +71,8 @@ def run(name: str, shard=None) -> dict:
         else:
             loss = zo.backward(F.cross_entropy, x, y)
         losses.append(loss)
+        if shard is not None and shard.last_shares is not None:
+            cut.append(sum(1 for share in zip(*shard.last_shares) if sum(1 for t in share if t.numel()) > 1))
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone())
         opt.step()
         if plan is not None:
@@ -63,7 +81,7 @@ def run(name: str, shard=None) -> dict:
             "local_queries": shard.local_queries if shard else zo.queries,
             "calibration_queries": shard.calibration_queries if shard else 0,
             "costs": shard.costs if shard else None, "bytes": shard.last_bytes if shard else 0,
-            "active": zo.num_active()}
+            "active": zo.num_active(), "cut": cut}
 
 
 def disagreement() -> str:
@@ -84,7 +102,7 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     D.init_from_env(timeout=120)
     try:
-        results = {name: run(name, D.Shard(exact=SCENARIOS[name][-1])) for name in SCENARIOS}
+        results = {name: run(name, D.Shard(exact=sc.exact, calibrate=sc.calibrate)) for name, sc in SCENARIOS.items()}
         results["disagreement"] = disagreement()
         results["world"] = D.world_size()
         torch.save(results, f"{out}.rank{D.rank()}")
