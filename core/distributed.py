@@ -26,9 +26,9 @@ of another size) parameters stay whole, which is exact too. ``Shard(exact=False)
 (contiguous runs of equal cost): equal to one process within rounding (a coordinate's loss is
 then computed in another batch of perturbations).
 
-Costs: on the first step the split balances coordinate counts and each rank times its share
-parameter by parameter (one engine call per parameter, buffers restored in between; the
-extra unperturbed forwards are counted as queries); the per-coordinate cost of each parameter,
+Costs: on the first step the split balances coordinate counts; each rank estimates its share,
+then times it again parameter by parameter (one engine call per parameter, buffers restored in
+between; the repeated evaluations are counted as queries); the per-coordinate cost of each parameter,
 pooled over the ranks, then decides every later split (largest cost first, to the least loaded
 rank). General and batched objectives cost the same per coordinate and are split by counts.
 
@@ -188,41 +188,47 @@ class Shard:
         return loss0
 
     def _calibrated(self, zo: Any, call: Any, shares: list[list[torch.Tensor]]):
-        """The first step, one parameter at a time, timed; sets :attr:`costs` from all ranks' timings."""
+        """The first step: this rank's share as usual, then timed again one parameter at a time;
+        sets :attr:`costs` from all ranks' timings.
+
+        The share's own estimate runs first: it is the step's result and it warms every path the
+        timings take (compiled loops, index maps, caches), which would otherwise be charged to
+        whichever parameter ran first.
+        """
         mine = shares[self.rank]
         empty = [idx[:0] for idx in mine]
         buffers = [(b, b.detach().clone()) for b in zo.model.buffers()]
 
-        def run(only: int | None):
+        def run(part: list[torch.Tensor]):
             with torch.no_grad():
                 for b, v in buffers:        # every call starts from the step's buffers (BN statistics)
                     b.copy_(v)
             sync = mine[0].device.type == "cuda" and torch.cuda.synchronize
             t = time.perf_counter()
-            out = zo._estimate(call, [idx if i == only else e for i, (idx, e) in enumerate(zip(mine, empty))])
+            out = zo._estimate(call, part)
             if sync:
                 sync()
             return out, time.perf_counter() - t
 
-        (loss0, grads), _ = run(None)                 # warms up; its loss is the step's
-        _, overhead = run(None)                       # one unperturbed forward
+        (loss0, grads), _ = run(mine)                 # the step's estimate
+        before = zo.queries
+        _, overhead = run(empty)                      # one unperturbed forward
         seconds = []
         for i, idx in enumerate(mine):
             if idx.numel():
-                (_, g), dt = run(i)
-                grads[i] = g[i]
+                _, dt = run([idx if j == i else e for j, e in enumerate(empty)])
                 seconds.append(max(dt - overhead, 0.05 * dt))
             else:
                 seconds.append(0.0)
-        local = torch.tensor([[float(idx.numel()), s] for idx, s in zip(mine, seconds)], dtype=torch.float64)
-        pooled = self._all_gather(local.to(mine[0].device), "the cost calibration")
-        n = sum(t[:, 0].cpu() for t in pooled)
-        s = sum(t[:, 1].cpu() for t in pooled)
+        rows = [[float(idx.numel()), s] for idx, s in zip(mine, seconds)] + [[float(zo.queries - before), 0.0]]
+        pooled = self._all_gather(torch.tensor(rows, dtype=torch.float64, device=mine[0].device),
+                                  "the cost calibration")
+        n = sum(t[:-1, 0].cpu() for t in pooled)
+        s = sum(t[:-1, 1].cpu() for t in pooled)
         measured = [float(si / ni) for si, ni in zip(s.tolist(), n.tolist()) if ni > 0]
         mean = sum(measured) / len(measured) if measured else 1.0
         self.costs = [float(si / ni) if ni > 0 else mean for si, ni in zip(s.tolist(), n.tolist())]
-        calls = [1 + sum(1 for idx in share if idx.numel()) for share in shares]   # beyond the step's own call
-        self.calibration_queries += sum(calls) * call.per_eval
+        self.calibration_queries += int(sum(float(t[-1, 0]) for t in pooled))   # beyond the step's own call
         return loss0, grads
 
     # -- the collective -------------------------------------------------------------------------------
