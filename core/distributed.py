@@ -21,16 +21,20 @@ Exactness: by default a parameter is cut between ranks only where one process's 
 a new batch of perturbations (a multiple of that parameter's batch size, counted from its first
 active coordinate: :meth:`core.CGE.cut_units`), so every rank evaluates the same batches as one
 process and the gradient equals the one-process gradient bit for bit (tested in float64 and
-float32 on CPU). Until the engine has planned the input's shape (the first step, or a first batch
-of another size) parameters stay whole, which is exact too. ``Shard(exact=False)`` cuts anywhere
+float32 on CPU). The ranks report their batch sizes with each step's gathered checks; until all
+reported the same for an input's shape (the first step with it, or ranks whose engines batch
+differently) parameters stay whole, which is exact too. ``Shard(exact=False)`` cuts anywhere
 (contiguous runs of equal cost): equal to one process within rounding (a coordinate's loss is
 then computed in another batch of perturbations).
 
-Costs: on the first step the split balances coordinate counts; each rank estimates its share,
-then times it again parameter by parameter (one engine call per parameter, buffers restored in
-between; the repeated evaluations are counted as queries); the per-coordinate cost of each parameter,
-pooled over the ranks, then decides every later split (largest cost first, to the least loaded
-rank). General and batched objectives cost the same per coordinate and are split by counts.
+Costs: on the first step the split balances coordinate counts; each rank warms up on one
+coordinate per parameter, then estimates its share parameter by parameter, timed (one engine call
+per parameter, buffers restored in between; the extra evaluations are counted as queries); the
+per-coordinate cost of each parameter, pooled over the ranks, then decides every later split
+(:func:`split`: runs cut at the engine's batch boundaries once every rank reported the same
+batch sizes for the input, or whole parameters, largest first to the least loaded rank, whichever
+is better balanced). General and batched objectives cost the same per coordinate and are split by
+counts.
 
 Checks, every step, from the gathered bytes: all ranks must report the same unperturbed loss
 (bit for bit on CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the
@@ -42,6 +46,7 @@ torchrun's store; see :mod:`core.collectives`).
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any
 
 import torch
@@ -70,26 +75,45 @@ def split(active: list[torch.Tensor], world: int, costs: list[float] | None = No
         costs: the cost of one coordinate of each parameter (None: all equal).
         whole: keep each parameter on one rank (largest total cost first, each to the least
             loaded rank); else cut the coordinates, in parameter order, into contiguous runs.
-        units: instead of either, contiguous runs in parameter order cut inside parameter i only
-            after a multiple of ``units[i]`` of its active coordinates (the engine's batches,
-            :meth:`core.CGE.cut_units`): nearly the balance of free cuts, the batches of one process.
+        units: with ``whole``, parameter i may also be cut, but only after a multiple of
+            ``units[i]`` of its active coordinates (the engine's batches, :meth:`core.CGE.cut_units`):
+            contiguous runs in parameter order cut there, or whole parameters, whichever leaves
+            the most loaded rank less work.
     Returns:
         ``shares[r][i]``: the indices of parameter i that rank r evaluates (slices of
         ``active[i]``; together a partition of it). Deterministic: every rank computes the same.
     """
     c = [1.0] * len(active) if costs is None else [float(v) for v in costs]
     n = [int(idx.numel()) for idx in active]
-    if whole and units is None:
-        load, owner = [0.0] * world, [0] * len(active)
-        for i in sorted(range(len(active)), key=lambda i: (-n[i] * c[i], i)):
-            owner[i] = min(range(world), key=lambda r: (load[r], r))
-            load[owner[i]] += n[i] * c[i]
-        return [[idx if owner[i] == r else idx[:0] for i, idx in enumerate(active)] for r in range(world)]
-    step = [1] * len(active) if units is None else [max(1, int(u)) for u in units]
+    if not whole:
+        return _runs(active, world, n, c, [1] * len(active))
+    kept = _whole(active, world, n, c)
+    if units is None:
+        return kept
+    cut = _runs(active, world, n, c, [max(1, int(u)) for u in units])
+
+    def heaviest(shares):
+        return max(sum(len(t) * v for t, v in zip(share, c, strict=True)) for share in shares)
+
+    return cut if heaviest(cut) < heaviest(kept) else kept
+
+
+def _whole(active, world, n, c) -> list[list[torch.Tensor]]:
+    """Whole parameters, largest total cost first, each to the least loaded rank."""
+    load, owner = [0.0] * world, [0] * len(active)
+    for i in sorted(range(len(active)), key=lambda i: (-n[i] * c[i], i)):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += n[i] * c[i]
+    return [[idx if owner[i] == r else idx[:0] for i, idx in enumerate(active)] for r in range(world)]
+
+
+def _runs(active, world, n, c, step) -> list[list[torch.Tensor]]:
+    """Contiguous runs of equal cost in parameter order, cut inside parameter i only after a
+    multiple of ``step[i]`` coordinates (each run of ``step[i]`` goes where its middle falls)."""
     total = sum(k * v for k, v in zip(n, c))
     shares: list[list[torch.Tensor]] = [[] for _ in range(world)]
     start = 0.0
-    for idx, k, v, u in zip(active, n, c, step):
+    for idx, k, v, u in zip(active, n, c, step, strict=True):
         if total > 0 and k:
             size = torch.full(((k + u - 1) // u,), float(u), dtype=torch.float64)  # runs of u, the last shorter
             size[-1] = k - u * (len(size) - 1)
@@ -104,6 +128,18 @@ def split(active: list[torch.Tensor], world: int, costs: list[float] | None = No
             lo += counts[r]
         start += k * v
     return shares
+
+
+def _call_key(call: Any) -> tuple:
+    """What the engine's batch sizes depend on that every rank sees alike: the objective's kind and
+    the input's shape and dtype."""
+    x = getattr(call, "x", None)
+    return (call.kind, tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else (call.kind,)
+
+
+def _batches_print(key: tuple, units: list[int] | None) -> int:
+    """A number that differs between ranks reporting different batch sizes for the same input (0: none)."""
+    return 0 if units is None else zlib.crc32(repr((key, list(units))).encode()) + 1
 
 
 def fingerprint(active: list[torch.Tensor]) -> torch.Tensor:
@@ -162,6 +198,7 @@ class Shard:
         self.last_bytes = 0
         self.last_compute_s = self.last_wait_s = 0.0
         self.last_shares: list[list[torch.Tensor]] | None = None
+        self._agreed: dict[tuple, list[int] | None] = {}    # input kind/shape -> batch sizes every rank reported
 
     # -- one step -----------------------------------------------------------------------------------
     def backward(self, zo: Any, call: Any, active: list[torch.Tensor]) -> torch.Tensor:
@@ -171,29 +208,30 @@ class Shard:
             zo._set_grads(grads)
             return loss0
         before, start = zo.queries, time.perf_counter()
+        key = _call_key(call)
         if self.costs is None and self.calibrate and call.kind == "supervised":
             shares = split(active, self.world, whole=self.exact)
             loss0, grads = self._calibrated(zo, call, shares)
         else:
-            units = zo.cut_units(call) if self.exact else None
+            units = self._agreed.get(key) if self.exact else None
             shares = split(active, self.world, self.costs, whole=self.exact, units=units)
             loss0, grads = zo._estimate(call, shares[self.rank])
         spent = zo.queries - before
         self.last_shares = shares
         self.last_compute_s = time.perf_counter() - start
-        full, total = self._gather(zo, shares, grads, loss0, spent, active)
+        units = zo.cut_units(call) if self.exact else None       # planned now for this input
+        full, total = self._gather(zo, shares, grads, loss0, spent, active, (key, units))
         self.local_queries += spent
         zo.queries = before + total
         zo._set_grads(full)
         return loss0
 
     def _calibrated(self, zo: Any, call: Any, shares: list[list[torch.Tensor]]):
-        """The first step: this rank's share as usual, then timed again one parameter at a time;
-        sets :attr:`costs` from all ranks' timings.
+        """The first step, one parameter at a time, timed; sets :attr:`costs` from all ranks' timings.
 
-        The share's own estimate runs first: it is the step's result and it warms every path the
-        timings take (compiled loops, index maps, caches), which would otherwise be charged to
-        whichever parameter ran first.
+        A call on one coordinate of each parameter runs first: it warms every path the timings
+        take (compiled loops, index maps, caches), which would otherwise be charged to whichever
+        parameter ran first. The timed calls together give the step's estimate.
         """
         mine = shares[self.rank]
         empty = [idx[:0] for idx in mine]
@@ -210,17 +248,20 @@ class Shard:
                 sync()
             return out, time.perf_counter() - t
 
-        (loss0, grads), _ = run(mine)                 # the step's estimate
         before = zo.queries
-        _, overhead = run(empty)                      # one unperturbed forward
+        run([idx[:1] for idx in mine])                # warm-up
+        (loss0, grads), overhead = run(empty)         # one unperturbed forward; its loss is the step's
+        extra = zo.queries - before - call.per_eval   # what one call of the whole share would not spend
         seconds = []
         for i, idx in enumerate(mine):
             if idx.numel():
-                _, dt = run([idx if j == i else e for j, e in enumerate(empty)])
+                (_, g), dt = run([idx if j == i else e for j, e in enumerate(empty)])
+                grads[i] = g[i]
+                extra += call.per_eval                # each timed call's own unperturbed forward
                 seconds.append(max(dt - overhead, 0.05 * dt))
             else:
                 seconds.append(0.0)
-        rows = [[float(idx.numel()), s] for idx, s in zip(mine, seconds)] + [[float(zo.queries - before), 0.0]]
+        rows = [[float(idx.numel()), s] for idx, s in zip(mine, seconds)] + [[float(extra), 0.0]]
         pooled = self._all_gather(torch.tensor(rows, dtype=torch.float64, device=mine[0].device),
                                   "the cost calibration")
         n = sum(t[:-1, 0].cpu() for t in pooled)
@@ -228,7 +269,7 @@ class Shard:
         measured = [float(si / ni) for si, ni in zip(s.tolist(), n.tolist()) if ni > 0]
         mean = sum(measured) / len(measured) if measured else 1.0
         self.costs = [float(si / ni) if ni > 0 else mean for si, ni in zip(s.tolist(), n.tolist())]
-        self.calibration_queries += int(sum(float(t[-1, 0]) for t in pooled))   # beyond the step's own call
+        self.calibration_queries += int(sum(float(t[-1, 0]) for t in pooled))
         return loss0, grads
 
     # -- the collective -------------------------------------------------------------------------------
@@ -253,15 +294,21 @@ class Shard:
             raise lost(what, exc, counted) from None
         return out
 
-    def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active):
-        """All shares' values into full zero-filled gradients; returns (gradients, queries of all ranks)."""
+    def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active, batches):
+        """All shares' values into full zero-filled gradients; returns (gradients, queries of all ranks).
+
+        ``batches``: (input key, this rank's engine batch sizes for it). When every rank reports the
+        same, later steps with that input may cut parameters at those batch boundaries: the split
+        depends only on what all ranks agreed, never on one rank's engine (which may batch
+        differently on another machine, e.g. without Numba)."""
         params = [p for _, p in zo.named_params]
         device = params[0].device
         sizes = [p.element_size() for p in params]
         lengths = [8 * _META + sum(int(idx.numel()) * s for idx, s in zip(share, sizes)) for share in shares]
         meta = torch.stack([loss0.detach().to(device, torch.float64).reshape(()).view(torch.int64),
                             torch.tensor(spent, dtype=torch.int64, device=device),
-                            fingerprint(active).to(device), torch.zeros((), dtype=torch.int64, device=device)])
+                            fingerprint(active).to(device),
+                            torch.tensor(_batches_print(*batches), dtype=torch.int64, device=device)])
         payload = torch.cat([_bytes(meta)] + [_bytes(g[idx]) for g, idx in zip(grads, shares[self.rank])])
         self.last_bytes = (self.world - 1) * int(payload.numel())
         start = time.perf_counter()
@@ -280,6 +327,11 @@ class Shard:
         metas = torch.stack(metas).cpu()                   # [world, _META]
         if self.check:
             self._agree(metas)
+        key, units = batches
+        if units is not None and bool((metas[:, 3] == metas[0, 3]).all()):
+            self._agreed[key] = units
+        else:
+            self._agreed.pop(key, None)
         return full, int(metas[:, 1].sum())
 
     def _agree(self, metas: torch.Tensor) -> None:

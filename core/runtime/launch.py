@@ -212,7 +212,7 @@ def _grace() -> float:
     """Seconds a rank gets to end after torchrun told it to (SIGTERM), before SIGKILL: torch's
     ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` when set, else 20."""
     value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "20")
-    if not value.isdigit():
+    if not re.fullmatch(r"[0-9]+", value):
         raise UserError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 0; got {value!r}")
     return float(value)
 
@@ -221,9 +221,10 @@ class _Reaper:
     """Kills, ``grace`` seconds after torchrun sent them SIGTERM, the ranks still running.
 
     torchrun stops the other ranks when one fails, but waits a fixed 30 s for a hung rank (one that
-    cannot act on SIGTERM) whatever its ``--shutdown-timeout``. This reads torchrun's log for the
-    pids it is closing and sends SIGKILL itself, only to a process that is still torchrun's child
-    (Linux's ``/proc``; elsewhere torchrun's own wait applies).
+    cannot act on SIGTERM) whatever its ``--shutdown-timeout``. This reads torchrun's log (its
+    warnings: the launcher keeps ``LOGLEVEL`` at WARNING or below) for the pids it is closing and
+    sends SIGKILL itself, only to a process that is still torchrun's child (Linux's ``/proc``;
+    elsewhere, or with torchrun started by hand, torchrun's own 30 s apply).
     """
 
     def __init__(self, log: Path, torchrun: int, grace: float) -> None:
@@ -274,15 +275,22 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
            "--log-dir", str(folder), "--redirects", "3", "--shutdown-timeout", str(int(grace)),
            "-m", "applications", *prog.split()[1:], *rank_argv(args, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": str(getattr(args, "threads", 1)), "PYTHONUNBUFFERED": "1"}
+    if env.get("LOGLEVEL", "WARNING").upper() not in ("DEBUG", "INFO", "WARNING"):
+        env["LOGLEVEL"] = "WARNING"                 # torchrun's "closing signal" lines, which _Reaper reads
     if loopback() and "GLOO_SOCKET_IFNAME" not in env:
         env["GLOO_SOCKET_IFNAME"] = loopback()     # gloo's connections stay on 127.0.0.1
     relay = _Relay(folder, (f"{prog}:", "interrupted during"))
     done = threading.Event()
 
     def pump():
+        reaping = True
         while not done.wait(0.1):
             relay.poll()
-            reaper.poll()
+            if reaping:
+                try:
+                    reaper.poll()
+                except Exception:                   # never let it stop rank 0's output; torchrun's wait applies
+                    reaping = False
 
     interrupted = False
     with open(folder / "torchrun.log", "wb") as log:

@@ -31,6 +31,7 @@ class Scenario(NamedTuple):
     exact: bool                     # Shard(exact=...)
     chunk: int | None = None        # the engine's batch of perturbations (None: its own choice)
     calibrate: bool = True
+    skew: int = 0                   # rank r batches chunk + r·skew perturbations (engines that differ)
 
 
 SCENARIOS = {
@@ -41,6 +42,9 @@ SCENARIOS = {
     # batches of 3 perturbations, split by counts: the exact split cuts conv2's weight after whole batches
     "cnn-float32-batches": Scenario("cnn", torch.float32, False, True, "supervised", 3, True, chunk=3,
                                     calibrate=False),
+    # the ranks' engines batch differently: they never agree on batch sizes, so nothing is cut
+    "cnn-float64-disagree": Scenario("cnn", torch.float64, False, False, "supervised", 3, True, chunk=3,
+                                     calibrate=False, skew=1),
 }
 B = 8
 
@@ -55,7 +59,9 @@ def batch(kind: str, step: int, dtype: torch.dtype, skew: int = 0):
 
 
 def run(name: str, shard=None) -> dict:
-    kind, dtype, central, sparse, obj, steps, _, chunk, _ = SCENARIOS[name]
+    kind, dtype, central, sparse, obj, steps, _, chunk, _, skew = SCENARIOS[name]
+    if shard is not None and chunk is not None:
+        chunk += shard.rank * skew
     torch.manual_seed(0)
     model = (small_cnn() if kind == "cnn" else mlp()).to(dtype)
     plan = SparsityPlan(model, random_ratios(model, 0.5), refresh_every=1, seed=3) if sparse else None
@@ -81,7 +87,7 @@ def run(name: str, shard=None) -> dict:
             "local_queries": shard.local_queries if shard else zo.queries,
             "calibration_queries": shard.calibration_queries if shard else 0,
             "costs": shard.costs if shard else None, "bytes": shard.last_bytes if shard else 0,
-            "active": zo.num_active(), "cut": cut}
+            "active": zo.num_active(), "cut": cut, "params": len(list(model.parameters()))}
 
 
 def disagreement() -> str:
