@@ -10,14 +10,16 @@ jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True
 
 
 @jit
-def scale_shift(mode, s1, s2, n, g, b, eps):
+def scale_shift(mode, s1, s2, n, g, b, eps, pooled):
     """(a, b) with BN(x) = a·x + b for one row: mode 0 none, 1 batch statistics, 2 given (g, b).
 
-    A NaN in the row (its Σ is NaN) makes the whole row NaN in every mode: the 2×2 maxima, which
-    may pass over a NaN, must not hide it (the loss is then NaN, as through the layers).
+    A NaN the pooling reads makes the whole row NaN: the 2×2 maxima, which may pass over a NaN,
+    must not hide it (the loss is then NaN, as through the layers). ``pooled``: the Σ of the
+    positions the windows cover; with batch statistics (mode 1) a NaN anywhere (``s1``) counts,
+    otherwise only one the pooling reads (the layers drop the rest).
     """
-    if s1 != s1:
-        return s1, s1
+    if (s1 if mode == 1 else pooled) != (s1 if mode == 1 else pooled):
+        return s1 + pooled, s1 + pooled
     if mode == 0:
         return 1.0, 0.0
     if mode == 2:
@@ -160,6 +162,7 @@ def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, 
     zero = d[M]
     s1 = np.empty(Cout)
     s2 = np.empty(Cout)
+    covered = np.empty(Cout)                         # Σ of the positions the windows cover
     a = np.empty(Cout, dtype=v.dtype)
     b = np.empty(Cout, dtype=v.dtype)
     for k in range(K):
@@ -175,6 +178,7 @@ def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, 
                 s1[o], s2[o], s1[p], s2[p] = two16(V, Wk[o], Wk[p], Y[o], Y[p], P, top[o], top[p], zero)
             else:
                 s1[o], s2[o], s1[p], s2[p] = two_any(V, taps, Wk[o], Wk[p], Y[o], Y[p], P, top[o], top[p], zero)
+            covered[o], covered[p] = s1[o], s1[p]
             if e < N:
                 t1, t2, u1, u2 = tail2(Y[o][e:], Y[p][e:], T, Wk[o], Wk[p], zero)
                 s1[o] += t1
@@ -183,7 +187,7 @@ def block9(v, x, ch, rows, taps, tail_index, square, W, Y, P, mode, g, bb, eps, 
                     s1[p] += u1
                     s2[p] += u2
         for o in range(Cout):
-            a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps)
+            a[o], b[o] = scale_shift(mode, s1[o], s2[o], N, g[o], bb[o], eps, covered[o])
         if avg.shape[0] or last:                     # normalise in place, then average or transpose
             for o in range(Cout):
                 ao, bo, to = a[o], b[o], top[o]
@@ -243,7 +247,7 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
             r = yt[m] + hk * ct[m]
             b1 += r
             b2 += r * r
-        ab[0], ab[1] = scale_shift(mode, a1 + b1, a2 + b2, N, g[ch[k]], bb[ch[k]], eps)
+        ab[0], ab[1] = scale_shift(mode, a1 + b1, a2 + b2, N, g[ch[k]], bb[ch[k]], eps, a1)
         a, b = ab[0], ab[1]
         for n in range(P):
             ok[n] = relu(a * ok[n] + b, zero)
@@ -258,6 +262,7 @@ def channels_last(y, mode, g, bb, eps, out, avg):
     n = B * H * W
     s1 = np.empty(C)
     s2 = np.empty(C)
+    covered = np.empty(C)                          # Σ of the positions the windows cover
     t1 = np.empty(C, dtype=y.dtype)                # one sample's sums in the rows' dtype (vectorised),
     t2 = np.empty(C, dtype=y.dtype)                # added up over the samples in float64
     a = np.zeros(C, dtype=y.dtype)
@@ -267,12 +272,22 @@ def channels_last(y, mode, g, bb, eps, out, avg):
         yk, ok = y[k], out[k]
         s1[:] = 0.0
         s2[:] = 0.0
+        covered[:] = 0.0
         for bi in range(B):
             t1[:] = zero
             t2[:] = zero
-            for i in range(H):
+            for i in range(2 * h):
                 row = yk[bi, i]
-                for j in range(W):
+                for j in range(2 * w):
+                    v = row[j]
+                    for c in range(C):
+                        t1[c] += v[c]
+                        t2[c] += v[c] * v[c]
+            for c in range(C):
+                covered[c] += t1[c]
+            for i in range(H):                     # the positions no window covers (odd sides)
+                row = yk[bi, i]
+                for j in range(2 * w if i < 2 * h else 0, W):
                     v = row[j]
                     for c in range(C):
                         t1[c] += v[c]
@@ -288,7 +303,7 @@ def channels_last(y, mode, g, bb, eps, out, avg):
                     for c in range(C):
                         t[c] = max(max(p[c], q[c]), max(r[c], s[c]))
         for c in range(C):
-            a[c], b[c] = scale_shift(mode, s1[c], s2[c], n, g[c], bb[c], eps)
+            a[c], b[c] = scale_shift(mode, s1[c], s2[c], n, g[c], bb[c], eps, covered[c])
         flat = ok.reshape(-1, C)
         for p in range(flat.shape[0]):
             for c in range(C):
