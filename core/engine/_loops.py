@@ -7,6 +7,7 @@ import numpy as np
 
 # reassoc/contract: the reductions may use SIMD lanes and FMAs; no 'nnan': a NaN still reaches the sums
 jit = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True)
+inlined = numba.njit(fastmath={"reassoc", "contract", "nsz"}, nogil=True, cache=True, inline="always")
 
 
 @jit
@@ -253,6 +254,16 @@ def rows(Y, ch, coef, cidx, h, P, mode, g, bb, eps, out):
             ok[n] = relu(a * ok[n] + b, zero)
 
 
+@inlined                          # a compiled call per row made channels_last 40% slower; inlined, 5%
+def channel_sums(row, j0, j1, t1, t2):
+    """Add Σx and Σx² of positions j0..j1−1 of a channels-last row [W, C] into ``t1``, ``t2`` [C]."""
+    for j in range(j0, j1):
+        v = row[j]
+        for c in range(t1.shape[0]):
+            t1[c] += v[c]
+            t2[c] += v[c] * v[c]
+
+
 @jit
 def channels_last(y, mode, g, bb, eps, out, avg):
     """out[k] [B, H/2, W/2, C] = relu(BN(2×2 max of y[k] [B, H, W, C])), statistics over all of y[k];
@@ -277,21 +288,11 @@ def channels_last(y, mode, g, bb, eps, out, avg):
             t1[:] = zero
             t2[:] = zero
             for i in range(2 * h):
-                row = yk[bi, i]
-                for j in range(2 * w):
-                    v = row[j]
-                    for c in range(C):
-                        t1[c] += v[c]
-                        t2[c] += v[c] * v[c]
+                channel_sums(yk[bi, i], 0, 2 * w, t1, t2)
             for c in range(C):
                 covered[c] += t1[c]
             for i in range(H):                     # the positions no window covers (odd sides)
-                row = yk[bi, i]
-                for j in range(2 * w if i < 2 * h else 0, W):
-                    v = row[j]
-                    for c in range(C):
-                        t1[c] += v[c]
-                        t2[c] += v[c] * v[c]
+                channel_sums(yk[bi, i], 2 * w if i < 2 * h else 0, W, t1, t2)
             for c in range(C):
                 s1[c] += t1[c]
                 s2[c] += t2[c]
