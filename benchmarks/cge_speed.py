@@ -15,15 +15,18 @@ Linear(18, 10); 6,346 parameters) on real MNIST, batch 64, train-mode BN, dense 
   full recompute only after that; none for a conv bias that train-mode BatchNorm removes, whose
   difference is exactly 0) at this machine's single-thread fp32 GEMM rate.
 
-Times are CPU seconds of this process (one thread; the minimum over repeats): on a machine shared
-with other jobs they move far less than wall time, and every ratio compares two numbers of one run.
+Times are CPU seconds of this process (one thread; ours the minimum over repeats): on a machine
+shared with other jobs they move far less than wall time. The machine's speed still drifts over
+minutes, so the GEMM rate, our step and the reference are measured in interleaved rounds (3 by
+default); each round gives its own ratios, and the table shows the median round (by ref/ours) with
+every round listed under it. The naive loop and torchzero (about a minute each) run once.
 The per-layer table splits our step by the layer whose coordinates are perturbed (the engine run
 on that layer's coordinates only, minus the step without any), against that layer's floor.
 
 Accuracy: in float64 ‖ĝ_ours − ĝ_naive‖/‖ĝ_naive‖; in float32 the distance of ours and of the naive
 float32 loop to the exact float64 finite difference. Prints tables, writes JSON.
 
-    python -m benchmarks.cge_speed [--quick]      # --quick: sparse only, no naive loop or torchzero
+    python -m benchmarks.cge_speed [--quick] [--rounds 3]   # --quick: sparse only, no naive loop or torchzero
 """
 from __future__ import annotations
 
@@ -225,7 +228,23 @@ def layer_breakdown(model, x, y, mu, active, rate, repeats, device) -> list[dict
     return rows
 
 
-def run(sparse: bool, repeats: int, quick: bool, device="cpu") -> dict:
+def rounds_of(ours, model, x, y, mu, active, rounds: int, repeats: int, device) -> list[dict]:
+    """Interleaved rounds, each: the GEMM rate, our step (min of ``repeats``) and one reference step.
+
+    The machine's speed drifts over minutes, so each ratio pairs numbers taken seconds apart; the
+    table reports the median round and the range.
+    """
+    out = []
+    for _ in range(rounds):
+        rate = gemm_rate(device=device)
+        t_ours, w_ours, _ = timed(lambda: ours.backward(F.cross_entropy, x, y), repeats, device=device)
+        t_ref, _, g_ref = timed(lambda: reference_cge(model, x, y, mu, active), 1, warmup=False, device=device)
+        out.append({"gemm_gflops": rate / 1e9, "ours_s": t_ours, "ours_wall_s": w_ours, "reference_s": t_ref,
+                    "speedup_vs_reference": t_ref / t_ours, "g_ref": g_ref})
+    return out
+
+
+def run(sparse: bool, repeats: int, quick: bool, rounds: int = 3, device="cpu") -> dict:
     from core import CGE, SparsityPlan, zo_grasp_ratios
 
     mu = 5e-3
@@ -237,10 +256,17 @@ def run(sparse: bool, repeats: int, quick: bool, device="cpu") -> dict:
     ours = CGE(model, mu=mu, sparsity=plan)
     active = ours.active_indices()
     d = sum(int(i.numel()) for i in active)
-    rate = gemm_rate(device=device)
-    t_ours, w_ours, _ = timed(lambda: ours.backward(F.cross_entropy, x, y), repeats, device=device)
-    g_ours32 = grads_of(model).clone()
-    t_ref, _, g_ref = timed(lambda: reference_cge(model, x, y, mu, active), 1, warmup=False, device=device)
+    flops = flop_floor(model, x, active)
+    timing = rounds_of(ours, model, x, y, mu, active, rounds, repeats, device)
+    for r in timing:
+        r["ours_over_floor"] = r["ours_s"] / (flops / (r["gemm_gflops"] * 1e9))
+    ours.backward(F.cross_entropy, x, y)
+    g_ours32, g_ref = grads_of(model).clone(), timing[-1].pop("g_ref")
+    for r in timing:
+        r.pop("g_ref", None)
+    mid = sorted(timing, key=lambda r: r["speedup_vs_reference"])[len(timing) // 2]     # the median round
+    rate = mid["gemm_gflops"] * 1e9
+    t_ours = mid["ours_s"]
     naive = CGE(model, mu=mu, sparsity=plan, engine="naive")
     t_naive = t_tz = None
     if not quick:
@@ -262,12 +288,13 @@ def run(sparse: bool, repeats: int, quick: bool, device="cpu") -> dict:
     def rel(g):
         return float((g.double() - g_exact).norm() / g_exact.norm())
 
-    t_floor = flop_floor(model.float(), x, active) / rate
     return {"setting": ("90% sparse" if sparse else "dense") + ("" if device == "cpu" else f" ({device})"),
-            "active_coordinates": d, "naive_s": t_naive, "torchzero_fdm_s": t_tz, "reference_s": t_ref,
-            "ours_s": t_ours, "ours_wall_s": w_ours, "floor_s": t_floor, "gemm_gflops": rate / 1e9,
-            "speedup_vs_reference": t_ref / t_ours, "speedup_vs_naive": t_naive / t_ours if t_naive else None,
-            "speedup_vs_torchzero": t_tz / t_ours if t_tz else None, "ours_over_floor": t_ours / t_floor,
+            "active_coordinates": d, "naive_s": t_naive, "torchzero_fdm_s": t_tz,
+            "reference_s": mid["reference_s"], "ours_s": t_ours, "ours_wall_s": mid["ours_wall_s"],
+            "floor_s": flops / rate, "gemm_gflops": rate / 1e9,
+            "speedup_vs_reference": mid["speedup_vs_reference"], "ours_over_floor": mid["ours_over_floor"],
+            "speedup_vs_naive": t_naive / t_ours if t_naive else None,
+            "speedup_vs_torchzero": t_tz / t_ours if t_tz else None, "rounds": timing,
             "fp64_rel_diff_ours_vs_naive": rel(g_ours64), "fp32_rel_err_ours": rel(g_ours32),
             "fp32_rel_err_naive": rel(g_naive32), "fp32_rel_err_reference": rel(g_ref), "layers": layers}
 
@@ -286,6 +313,10 @@ def report(rows: list[dict]) -> None:
               f"{r['ours_over_floor']:>9.1f}x {r['fp64_rel_diff_ours_vs_naive']:>9.1e} "
               f"{r['fp32_rel_err_ours']:>9.1e} {r['fp32_rel_err_naive']:>10.1e}")
     for r in rows:
+        spread = ", ".join(f"{t['ours_s']:.3f} s {t['speedup_vs_reference']:.1f}x {t['ours_over_floor']:.1f}x "
+                           f"({t['gemm_gflops']:.0f} GFLOP/s)" for t in r["rounds"])
+        print(f"{r['setting']}: rounds (ours, ref/ours, ours/floor): {spread}; the table shows the median")
+    for r in rows:
         print(f"\n{r['setting']}: our step by source layer (CPU s; floor at {r['gemm_gflops']:.1f} GFLOP/s)")
         print(f"  {'layer':<28} {'coords':>6} {'ours s':>7} {'share':>6} {'floor s':>8} {'ours/floor':>10}")
         total = sum(x["s"] for x in r["layers"])
@@ -298,14 +329,18 @@ def report(rows: list[dict]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="sparse setting only, no naive loop or torchzero")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=7, help="our step's repeats per round (the minimum counts)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of (GEMM rate, ours, reference); the median round is reported")
     args = p.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     setup()
-    rows = [run(True, args.repeats, args.quick)]
+    rows = [run(True, args.repeats, args.quick, args.rounds)]
     if not args.quick:
-        rows.insert(0, run(False, args.repeats, args.quick))
+        rows.insert(0, run(False, args.repeats, args.quick, args.rounds))
     if torch.cuda.is_available():
-        rows.append(run(False, args.repeats, quick=True, device="cuda"))
+        rows.append(run(False, args.repeats, True, args.rounds, device="cuda"))
     report(rows)
     if not torch.cuda.is_available():
         print("\nGPU: skipped (no CUDA device)")
