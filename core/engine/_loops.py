@@ -1,6 +1,8 @@
 """The compiled loops behind :mod:`core.engine.kernels` (imported only when Numba is installed).
 
-Module-level functions, so Numba's on-disk cache finds them again in the next process.
+Module-level functions, so Numba's on-disk cache finds them again in the next process; one file,
+because that cache checks only the file of the function it loads: a loop here calling a helper from
+another file would keep running a stale compiled copy after the helper changed.
 """
 import numba
 import numpy as np
