@@ -6,16 +6,18 @@ CGE's coordinates are independent, so R processes can split them (DeepZero, Chen
     active  = the step's active coordinates          (same sparsity plan and seed on every rank)
     shares  = split(active, costs)                    (at batch boundaries, balanced by measured cost)
     g_mine  = FastCGE on shares[rank]                 (its own unperturbed forward, its own queries)
-    g       = all-gather(g_mine)                      (one collective; shard values only)
+    checks  = all-gather(loss, active set, length)    (40 bytes per rank: stop before the values if they differ)
+    g       = all-gather(g_mine)                      (shard values only)
     optimizer.step()                                  (the same update of the same weights everywhere)
 
 Deviation from the public DeepZero code, which ships every parameter from a master to its RPC
 workers every step: the weights never travel. Every rank starts from the same seed, sees the
 same batch and applies the same update to the same gathered gradient, so the weights stay equal
-bit for bit; only the d estimated values (plus 32 bytes of checks per rank) move per step. The
+bit for bit; only the d estimated values (plus 40 bytes of checks per rank) move per step. The
 shares differ in length (a cost split gives a rank more cheap coordinates or fewer dear ones), and
-gloo's all_gather needs equal lengths, so the all-gather runs as one ``all_to_all_single``
-(padding to the longest share would send up to R times the bytes).
+gloo's all_gather needs equal lengths, so the values travel by one ``all_to_all_single``
+(padding to the longest share would send up to R times the bytes); the checks go first, because
+ranks whose active sets differ would expect other lengths, and gloo aborts on a size mismatch.
 
 Exactness: by default a parameter is cut between ranks only where one process's engine starts
 a new batch of perturbations (a multiple of that parameter's batch size, counted from its first
@@ -57,7 +59,7 @@ from core.collectives import (RankLost, init_from_env, rank, shutdown,  # noqa: 
                               torchrun_world_size, world_size)
 
 _P = 1_000_000_007          # modulus of the active-set fingerprint
-_META = 4                   # int64 words ahead of each rank's gradient bytes
+_META = 5                   # int64 words of checks per rank and step: loss, queries, active set, batches, length
 
 
 class RanksDisagree(RuntimeError):
@@ -176,7 +178,7 @@ class Shard:
     Attributes:
         costs: seconds per coordinate of each owned parameter once calibrated, else None.
         calibration_queries: extra queries the calibration step spent, summed over ranks.
-        last_bytes: bytes this rank sent in the last step's collective: its share (plus 32 bytes of
+        last_bytes: bytes this rank sent in the last step's collective: its share (plus 40 bytes of
             checks) to each of the other ranks.
         last_compute_s, last_wait_s: this rank's seconds estimating its share, and in the
             all-gather (mostly waiting for slower ranks), in the last step.
@@ -290,12 +292,19 @@ class Shard:
                 dist.all_to_all_single(flat, t.repeat(self.world), output_split_sizes=sizes,
                                        input_split_sizes=[sizes[self.rank]] * self.world, group=self.group)
                 out = list(flat.split(sizes))
+        except RankLost:                   # torchrun's SIGTERM arrived meanwhile (core.runtime.ranks)
+            raise
         except RuntimeError as exc:        # gloo/NCCL errors, DistBackendError: a peer died or timed out
             raise lost(what, exc, counted) from None
         return out
 
     def _gather(self, zo: Any, shares, grads, loss0: torch.Tensor, spent: int, active, batches):
         """All shares' values into full zero-filled gradients; returns (gradients, queries of all ranks).
+
+        Two collectives: the ranks' checks (:data:`_META` words each, equal sizes), then the shares.
+        Every rank works out the others' share lengths from its own split, so ranks that disagree
+        on the active set must stop before the shares travel (gloo aborts the process on a size
+        mismatch): each rank's checks carry its share's length.
 
         ``batches``: (input key, this rank's engine batch sizes for it). When every rank reports the
         same, later steps with that input may cut parameters at those batch boundaries: the split
@@ -304,29 +313,32 @@ class Shard:
         params = [p for _, p in zo.named_params]
         device = params[0].device
         sizes = [p.element_size() for p in params]
-        lengths = [8 * _META + sum(int(idx.numel()) * s for idx, s in zip(share, sizes)) for share in shares]
+        lengths = [sum(int(idx.numel()) * s for idx, s in zip(share, sizes)) for share in shares]
+        payload = torch.cat([_bytes(g[idx]) for g, idx in zip(grads, shares[self.rank])])
         meta = torch.stack([loss0.detach().to(device, torch.float64).reshape(()).view(torch.int64),
                             torch.tensor(spent, dtype=torch.int64, device=device),
                             fingerprint(active).to(device),
-                            torch.tensor(_batches_print(*batches), dtype=torch.int64, device=device)])
-        payload = torch.cat([_bytes(meta)] + [_bytes(g[idx]) for g, idx in zip(grads, shares[self.rank])])
-        self.last_bytes = (self.world - 1) * int(payload.numel())
+                            torch.tensor(_batches_print(*batches), dtype=torch.int64, device=device),
+                            torch.tensor(payload.numel(), dtype=torch.int64, device=device)])
+        self.last_bytes = (self.world - 1) * (8 * _META + int(payload.numel()))
         start = time.perf_counter()
+        metas = torch.stack(self._all_gather(meta, "the step's checks")).cpu()     # [world, _META]
+        if self.check:
+            self._agree(metas)
+        if metas[:, 4].tolist() != lengths:
+            raise RanksDisagree(f"the ranks estimated different active sets (their shares: {metas[:, 4].tolist()} bytes, "
+                                "not what one split of one active set gives): every rank needs the same sparsity plan "
+                                "and seed")
         gathered = self._all_gather(payload, "the gradient all-gather", lengths)
         self.last_wait_s = time.perf_counter() - start
         full = [torch.zeros(p.numel(), dtype=p.dtype, device=device) for p in params]
-        metas = []
         for r, b in enumerate(gathered):
-            metas.append(b[:8 * _META].clone().view(torch.int64))
-            at = 8 * _META
+            at = 0
             for i, (idx, p) in enumerate(zip(shares[r], params)):
                 nb = int(idx.numel()) * sizes[i]
                 if nb:
                     full[i][idx] = b[at:at + nb].clone().view(p.dtype)
                 at += nb
-        metas = torch.stack(metas).cpu()                   # [world, _META]
-        if self.check:
-            self._agree(metas)
         key, units = batches
         if units is not None and bool((metas[:, 3] == metas[0, 3]).all()):
             self._agreed[key] = units
@@ -340,10 +352,11 @@ class Shard:
             raise RanksDisagree("the ranks estimated different active sets: every rank needs the same sparsity "
                                 "plan and seed")
         if dist.get_backend(self.group) == "nccl":
-            close = (losses - losses[0]).abs() <= 1e-3 * losses[0].abs().clamp(min=1.0)
+            close = ((losses - losses[0]).abs() <= 1e-3 * losses[0].abs().clamp(min=1.0)) & losses.isfinite() & \
+                losses[0].isfinite()
         else:
             close = losses == losses[0]
-        close |= losses.isnan() & losses[0].isnan()          # a diverged step is the loop's to report
+        close |= (losses == losses[0]) | (losses.isnan() & losses[0].isnan())   # ±inf, NaN: the loop reports divergence
         if not bool(close.all()):
             raise RanksDisagree(f"the ranks disagree on the unperturbed loss ({', '.join(f'{v:.9g}' for v in losses)}"
                                 "): every rank needs the same weights, batch and seed")

@@ -72,6 +72,8 @@ class Session:
         C.arrive()
         try:
             dist.barrier(group=self.slow)
+        except C.RankLost:                      # torchrun's SIGTERM arrived meanwhile
+            raise
         except RuntimeError as exc:
             raise C.lost("the start of an epoch", exc) from None
 

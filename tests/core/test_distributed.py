@@ -144,8 +144,8 @@ def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
             # per rank: a warm-up on one coordinate per parameter and one forward per parameter timed
             assert got["calibration_queries"] <= 2 * B * (2 + 2 * got["params"]), (name, r)
         assert sum(g[name]["local_queries"] for g in ranks) == ranks[0][name]["queries"]
-        # the last step moved its d values (and 32 bytes of checks per rank), never the weights
-        assert sum(g[name]["bytes"] for g in ranks) == 2 * 32 + alone["active"] * dtype.itemsize
+        # the last step moved its d values (and 40 bytes of checks per rank), never the weights
+        assert sum(g[name]["bytes"] for g in ranks) == 2 * 40 + alone["active"] * dtype.itemsize
     assert ranks[0]["cnn-float64-sparse"]["costs"] is not None                      # calibrated on step 1
     # step 1 keeps parameters whole (the engine has not planned the shape yet); later steps cut
     assert ranks[0]["cnn-float32-batches"]["cut"] == [0, 1, 1]
@@ -154,6 +154,9 @@ def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
     # rank 1 trained on other labels: both ranks refuse the step with the same message
     assert "the ranks disagree on the unperturbed loss" in ranks[0]["disagreement"]
     assert ranks[0]["disagreement"] == ranks[1]["disagreement"]
+    # other masks on each rank (checks off): the shares' lengths differ, and the step stops on both
+    assert "the ranks estimated different active sets (their shares: " in ranks[0]["other_masks"]
+    assert ranks[0]["other_masks"] == ranks[1]["other_masks"]
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
@@ -388,6 +391,34 @@ def test_a_timed_out_collective_names_the_ranks_that_never_reached_it(monkeypatc
         dist.destroy_process_group()
         D._arrived = 0
         D.rank_lost = False
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_loss_check_lets_a_diverged_step_through_and_stops_on_a_real_disagreement(monkeypatch, backend):
+    """Every rank's loss ±inf or NaN is the training loop's divergence to report, not a disagreement
+    (on NCCL the losses are compared within 1e-3, where inf − inf is NaN); different losses stop."""
+    import torch.distributed as dist
+
+    from core.distributed import RanksDisagree, Shard
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    shard = object.__new__(Shard)
+    shard.group = None
+
+    def metas(*losses):
+        m = torch.zeros(len(losses), 5, dtype=torch.int64)
+        m[:, 0] = torch.tensor(losses, dtype=torch.float64).view(torch.int64)
+        return m
+
+    for same in (float("inf"), float("-inf"), float("nan"), 2.5):
+        shard._agree(metas(same, same, same))
+    for differ in ((1.0, 2.0), (float("inf"), float("-inf")), (float("inf"), 1.0), (float("nan"), 1.0)):
+        with pytest.raises(RanksDisagree, match="the ranks disagree on the unperturbed loss"):
+            shard._agree(metas(*differ))
+    with pytest.raises(RanksDisagree, match="different active sets"):
+        m = metas(1.0, 1.0)
+        m[1, 2] = 5
+        shard._agree(m)
 
 
 def test_ranks_get_the_command_without_nproc_and_without_abbreviations():

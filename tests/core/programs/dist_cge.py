@@ -103,6 +103,21 @@ def disagreement() -> str:
     return ""
 
 
+def other_masks() -> str:
+    """Rank r prunes 50% + 10·r% of the weights: the shares' lengths differ, so the step must stop
+    on every rank before the values travel (gloo would abort a rank on the size mismatch)."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    plan = SparsityPlan(model, random_ratios(model, 0.5 + 0.1 * D.rank()), seed=3)
+    zo = CGE(model, mu=1e-3, sparsity=plan, shard=D.Shard(calibrate=False, check=False))
+    x, y = batch("mlp", 0, torch.float64)
+    try:
+        zo.backward(F.cross_entropy, x, y)
+    except D.RanksDisagree as exc:
+        return str(exc)
+    return ""
+
+
 def main(out: str) -> None:
     faulthandler.enable()                      # a native abort still shows where Python was
     torch.set_num_threads(1)
@@ -110,6 +125,7 @@ def main(out: str) -> None:
     try:
         results = {name: run(name, D.Shard(exact=sc.exact, calibrate=sc.calibrate)) for name, sc in SCENARIOS.items()}
         results["disagreement"] = disagreement()
+        results["other_masks"] = other_masks()
         results["world"] = D.world_size()
         torch.save(results, f"{out}.rank{D.rank()}")
     except BaseException:                      # the test shows this rank's own traceback
