@@ -203,6 +203,8 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
             from core.runtime.ranks import rank_label
 
             print(f"{rank_label()}{prog}: stopped: {out.stopped}", file=sys.stderr)
+            if out.extra.get("every_rank"):
+                return 0                # rank 0 stops alike and reports it: torchrun must not end it first
         return 1
     if not lead:
         return 0

@@ -417,6 +417,7 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
         stopped = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         tracker.set_tags({"deepzero.stop_reason": stopped})
         diverged = isinstance(exc, TrainingDiverged)
+        shared = isinstance(exc, (TrainingDiverged, RanksDisagree))    # every rank of a group stops alike
     else:
         if resumed:
             tracker.delete_tag("deepzero.stop_reason")
@@ -430,6 +431,7 @@ def run_experiment(exp: Experiment, tracker, *, progress: bool = True, save_chec
     result = RunResult(exp.history, ckpt, run_id, stopped)
     if stopped is not None:
         result.extra["resume_hint"] = how_to_resume(diverged)
+        result.extra["every_rank"] = shared
     return result
 
 

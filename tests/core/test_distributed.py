@@ -280,6 +280,20 @@ def test_killed_rank_ends_the_run_in_one_line_and_resumes_on_one_rank(tmp_path, 
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 6
 
 
+def test_a_stop_every_rank_makes_is_reported_once_by_rank_0(tmp_path):
+    """A diverging loss stops every rank at the same step: rank 0's own line (no resume command: it
+    would diverge again), not a report of rank 1 failing, and rank 0 finishes its MLflow run."""
+    proc = deepzero(*ARGS, "--set", "optim.epochs=3", "--set", "optim.lr=40", "--nproc", "2", home=tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("deepzero classify train: stopped: training diverged"), lines
+    assert "resuming it would diverge again" in lines[0] and "rank 1" not in lines[0], lines
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}").search_runs(["1"]) or [None]
+    assert run.info.status == "FINISHED" and run.data.tags["deepzero.stop_reason"].startswith("training diverged")
+
+
 @pytest.mark.slow
 @linux_only
 @pytest.mark.parametrize("hung", [1, 0])
