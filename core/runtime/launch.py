@@ -230,6 +230,7 @@ class _Reaper:
     def __init__(self, log: Path, torchrun: int, grace: float) -> None:
         self.log, self.torchrun, self.grace = log, torchrun, grace
         self.offset, self.closing = 0, {}                  # pid -> when torchrun sent SIGTERM
+        self.signalled = False                              # torchrun logged a SIGINT/SIGTERM of its own
 
     def poll(self) -> None:
         with open(self.log, "rb") as f:
@@ -238,6 +239,7 @@ class _Reaper:
         cut = data.rfind(b"\n") + 1                         # whole lines only
         self.offset += cut
         now = time.monotonic()
+        self.signalled = self.signalled or b" death signal, shutting down workers" in data[:cut]
         for pid in re.findall(rb"Sending process (\d+) closing signal", data[:cut]):
             self.closing.setdefault(int(pid), now)
         for pid, since in list(self.closing.items()):
@@ -256,6 +258,19 @@ class _Reaper:
         except OSError:
             return None
         return int(stat[stat.rfind(")") + 2:].split()[1])  # the fields after the command name: state, ppid
+
+
+def _got_it_too(proc: subprocess.Popen, reaper: _Reaper, wait: float = 1.0) -> bool:
+    """Whether torchrun received this SIGINT itself (within ``wait`` seconds) or has ended.
+
+    A Ctrl-C in a terminal reaches the whole foreground process group, torchrun included; a second
+    SIGINT from the launcher would cut torchrun's shutdown short and end the ranks with SIGTERM
+    instead. So the launcher forwards only a SIGINT that was sent to it alone (``kill -INT``).
+    """
+    deadline = time.monotonic() + wait
+    while not reaper.signalled and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return reaper.signalled or proc.poll() is not None
 
 
 def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkpoint_of) -> int:
@@ -306,7 +321,8 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
                     break
                 except KeyboardInterrupt:
                     interrupted = True
-                    proc.send_signal(signal.SIGINT)
+                    if not _got_it_too(proc, reaper):
+                        proc.send_signal(signal.SIGINT)
         finally:
             signal.signal(signal.SIGTERM, previous)
             done.set()

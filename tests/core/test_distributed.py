@@ -280,6 +280,36 @@ def test_killed_rank_ends_the_run_in_one_line_and_resumes_on_one_rank(tmp_path, 
     assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 6
 
 
+@linux_only
+@pytest.mark.parametrize("to", ["terminal", "launcher"])
+def test_ctrl_c_interrupts_every_rank_once_and_prints_the_resume_command(tmp_path, to):
+    """Ctrl-C in a terminal reaches the launcher and torchrun (one process group); ``kill -INT``
+    the launcher alone, which then passes it on. Either way the ranks get one SIGINT: rank 0 says
+    where it was interrupted and how to resume, and its MLflow run ends KILLED."""
+    child = subprocess.Popen([sys.executable, "-m", "applications", *ARGS, "--set", "optim.epochs=20", "--nproc", "2"],
+                             cwd=ROOT, env=_env(DEEPZERO_HOME=str(tmp_path)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, ckpts = time.time() + 240, []
+    while not ckpts and time.time() < deadline and child.poll() is None:
+        ckpts = list((tmp_path / "runs" / "classify").glob("*/checkpoint.pt"))
+        time.sleep(0.02)
+    assert ckpts, child.communicate()[1] if child.poll() is not None else "no checkpoint"
+    (os.killpg if to == "terminal" else os.kill)(child.pid, signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert child.returncode == 130 and "Traceback" not in err and "SIGTERM" not in err, err
+    assert lines[0].startswith("interrupted during epoch ") and "is kept; resume with:" in lines[0], err
+    assert "--resume" in lines[1] and "--nproc 2" in lines[1], err
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}").search_runs(["1"])
+    assert run.info.status == "KILLED", run.info
+
+
 def test_a_stop_every_rank_makes_is_reported_once_by_rank_0(tmp_path):
     """A diverging loss stops every rank at the same step: rank 0's own line (no resume command: it
     would diverge again), not a report of rank 1 failing, and rank 0 finishes its MLflow run."""
