@@ -53,7 +53,11 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     backend = "gloo"
     if device.type == "cuda":
         backend = "nccl"
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise ValueError(f"with a CUDA device each process takes one GPU, and this machine has {count}: "
+                             f"local rank {local} has none (start at most {count} processes per machine)")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
 

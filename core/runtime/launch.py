@@ -174,10 +174,11 @@ def _failures(report: str) -> list[tuple[int, int]]:
 
 
 def _cause(failures: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """torchrun's root cause (first observed failure), unless that rank only got torchrun's SIGTERM.
+    """torchrun's root cause (first observed failure), unless that rank only got torchrun's SIGTERM
+    or SIGINT (then the first failure that did not).
 
-    A rank that torchrun had to SIGKILL after its grace period (a hung rank) is a consequence,
-    not the cause: the root cause is then the rank that gave up waiting for it.
+    A hung rank is killed only after the rank that gave up waiting for it has failed, so the root
+    cause is already the rank whose line names it.
     """
     for r, code in failures:
         if -code not in (signal.SIGTERM, signal.SIGINT):

@@ -101,7 +101,10 @@ def start_session(args: argparse.Namespace, device: Any) -> Session | None:
     if nproc > 1 and nproc != world:
         raise UserError(f"--nproc {nproc}, but torchrun started {world} ranks: leave --nproc out under torchrun")
     timeout = float(getattr(args, "dist_timeout", 300.0))
-    C.init_from_env(device=device, timeout=timeout)
+    try:
+        C.init_from_env(device=device, timeout=timeout)
+    except ValueError as exc:                       # e.g. more ranks than GPUs
+        raise UserError(str(exc)) from None
     atexit.register(C.shutdown)
 
     def on_sigterm(signum, frame):                  # torchrun ends the other ranks when one fails

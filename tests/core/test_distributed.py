@@ -393,6 +393,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def test_more_cuda_ranks_than_gpus_is_one_line(monkeypatch):
+    from core.runtime.errors import UserError
+    from core.runtime.ranks import start_session
+
+    monkeypatch.setenv("RANK", "8")
+    monkeypatch.setenv("WORLD_SIZE", "9")
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device reached"))
+    args = type("Args", (), {"nproc": 1, "dist_timeout": 5.0})()
+    with pytest.raises(UserError, match="this machine has 2: local rank 8 has none .start at most 2 processes"):
+        start_session(args, torch.device("cuda"))
+
+
 def test_a_timed_out_collective_names_the_ranks_that_never_reached_it(monkeypatch):
     """Each rank counts the collectives it enters in the store; on a timeout the ranks with a lower
     count are named, on any other failure (a peer's connection closed) nobody is."""
