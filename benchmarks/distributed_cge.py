@@ -10,7 +10,7 @@ shared or busy core it shows the cost of distributing (each rank's own unperturb
 collective) independently of how the scheduler divides the core.
 
 Bytes per step: ours is the one collective that gathers the shares (:attr:`Shard.last_bytes`:
-every rank sends its share plus 32 bytes of agreement checks to the R − 1 others). The
+every rank sends its share plus 40 bytes of agreement checks to the R − 1 others). The
 DeepZero comparison is their RPC design: a master sends all parameters to the R − 1 workers every
 step and each worker returns its share of the gradient. ResNet-20 (269,722 parameters, 90% sparse
 with BN and biases dense) is counted from the split alone (no timing: a CGE step of it takes
@@ -87,9 +87,7 @@ def train(sparsity: float, steps: int, device: str, shard=None) -> dict:
 
 
 def worker(name: str, steps: int, device: str, out: str) -> None:
-    """One rank under torchrun; rank 0 writes every rank's numbers to ``out``."""
-    import torch.distributed as dist
-
+    """One rank under torchrun; rank r writes its numbers (rank 0 also the weights) to ``out.r``."""
     from core import distributed as D
 
     torch.set_num_threads(1)
@@ -98,10 +96,7 @@ def worker(name: str, steps: int, device: str, out: str) -> None:
     D.init_from_env(device=device, timeout=600)
     res = train(CONFIGS[name], steps, device, D.Shard())
     weights = res.pop("weights")
-    every = [None] * D.world_size()
-    dist.all_gather_object(every, res)
-    if D.rank() == 0:
-        Path(out).write_text(json.dumps({"ranks": every, "weights": weights}))
+    Path(f"{out}.{D.rank()}").write_text(json.dumps({"rank": res, "weights": weights if D.rank() == 0 else None}))
     D.shutdown()
 
 
@@ -118,7 +113,8 @@ def run_ranks(name: str, ranks: int, steps: int, device: str) -> dict:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{ranks} ranks failed:\n{proc.stderr[-3000:]}")
-        return json.loads(out.read_text())
+        every = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(ranks)]
+        return {"ranks": [e["rank"] for e in every], "weights": every[0]["weights"]}
 
 
 def deepzero_bytes(params: int, active: int, ranks: int, itemsize: int = 4) -> int:
@@ -137,8 +133,8 @@ def resnet20_volume(ranks: int) -> dict:
     active = [masks[n].reshape(-1).nonzero().squeeze(1) if n in masks else torch.arange(p.numel())
               for n, p in model.named_parameters()]
     d, params = sum(int(a.numel()) for a in active), sum(p.numel() for p in model.parameters())
-    share = 32 + max(sum(int(i.numel()) for i in s) for s in split(active, ranks)) * 4
-    return {"params": params, "active": d, "ours": (ranks - 1) * (32 * ranks + 4 * d), "ours_per_rank": (ranks - 1) * share,
+    share = 40 + max(sum(int(i.numel()) for i in s) for s in split(active, ranks)) * 4
+    return {"params": params, "active": d, "ours": (ranks - 1) * (40 * ranks + 4 * d), "ours_per_rank": (ranks - 1) * share,
             "deepzero": deepzero_bytes(params, d, ranks), "deepzero_master": (ranks - 1) * params * 4}
 
 

@@ -201,6 +201,12 @@ class Shard:
         self.last_compute_s = self.last_wait_s = 0.0
         self.last_shares: list[list[torch.Tensor]] | None = None
         self._agreed: dict[tuple, list[int] | None] = {}    # input kind/shape -> batch sizes every rank reported
+        # The last collective's tensors. gloo's worker thread lets go of a finished collective a moment
+        # after the caller resumes; if it held the last reference to a tensor Python had dropped, it must
+        # take the GIL to free it, and while the interpreter shuts down that aborts the process ("terminate
+        # called without an active exception"; the group can outlive destroy_process_group once
+        # torch._dynamo is imported, e.g. by an optimizer). Held here, Python frees them itself.
+        self._held: tuple = ()
 
     # -- one step -----------------------------------------------------------------------------------
     def backward(self, zo: Any, call: Any, active: list[torch.Tensor]) -> torch.Tensor:
@@ -287,10 +293,12 @@ class Shard:
             if sizes is None:
                 out = [torch.empty_like(t) for _ in range(self.world)]
                 dist.all_gather(out, t, group=self.group)
+                self._held = (t, out)
             else:
-                flat = torch.empty(sum(sizes), dtype=t.dtype, device=t.device)
-                dist.all_to_all_single(flat, t.repeat(self.world), output_split_sizes=sizes,
+                flat, sent = torch.empty(sum(sizes), dtype=t.dtype, device=t.device), t.repeat(self.world)
+                dist.all_to_all_single(flat, sent, output_split_sizes=sizes,
                                        input_split_sizes=[sizes[self.rank]] * self.world, group=self.group)
+                self._held = (sent, flat)
                 out = list(flat.split(sizes))
         except RankLost:                   # torchrun's SIGTERM arrived meanwhile (core.runtime.ranks)
             raise
