@@ -116,8 +116,9 @@ def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
     out = tmp_path / "res"
     proc = _torchrun_program(out)
     if proc.returncode != 0 and _native_abort(proc, out):
-        # a rank died of a C++ abort with no Python error of its own (seen once on a loaded CI machine,
-        # not reproduced in 50 local runs, warm or cold Numba cache, idle or loaded): run once more, and say so in the test report
+        # a rank died of a C++ abort with no Python error of its own. One cause is known and fixed (gloo's
+        # worker thread freeing a collective's tensors during interpreter shutdown: see Shard._held); should
+        # another remain, run once more, and say so in the test report
         warnings.warn(f"dist_cge: a rank aborted natively; ran again. {_failure(proc, out)}")
         for f in tmp_path.glob("res.rank*"):
             f.unlink()
