@@ -9,7 +9,7 @@ the one-process weights bit for bit. ``CPU s (all)`` adds the ranks' CPU seconds
 shared or busy core it shows the cost of distributing (each rank's own unperturbed forward, the
 collective) independently of how the scheduler divides the core.
 
-Bytes per step: ours is the one collective that gathers the shares (:attr:`Shard.last_bytes`:
+Bytes per step: ours are the collectives that gather the shares (:attr:`Shard.last_bytes`:
 every rank sends its share plus 40 bytes of agreement checks to the R − 1 others). The
 DeepZero comparison is their RPC design: a master sends all parameters to the R − 1 workers every
 step and each worker returns its share of the gradient. ResNet-20 (269,722 parameters, 90% sparse

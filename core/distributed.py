@@ -6,7 +6,7 @@ CGE's coordinates are independent, so R processes can split them (DeepZero, Chen
     active  = the step's active coordinates          (same sparsity plan and seed on every rank)
     shares  = split(active, costs)                    (at batch boundaries, balanced by measured cost)
     g_mine  = FastCGE on shares[rank]                 (its own unperturbed forward, its own queries)
-    checks  = all-gather(loss, active set, length)    (40 bytes per rank: stop before the values if they differ)
+    checks  = all-gather(loss, active set, split)     (40 bytes per rank: stop before the values if they differ)
     g       = all-gather(g_mine)                      (shard values only)
     optimizer.step()                                  (the same update of the same weights everywhere)
 
@@ -38,9 +38,10 @@ batch sizes for the input, or whole parameters, largest first to the least loade
 is better balanced). General and batched objectives cost the same per coordinate and are split by
 counts.
 
-Checks, every step, from the gathered bytes: all ranks must report the same unperturbed loss
-(bit for bit on CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the
-same active set; otherwise :class:`RanksDisagree`. A collective that fails or outlasts the
+Checks, every step, from the gathered checks (before the values travel): all ranks must report
+the same split of the coordinates, and (``check=True``) the same unperturbed loss (bit for bit on
+CPU; within 1e-3 relative on CUDA, whose kernels may round differently) and the same active set;
+otherwise every rank raises :class:`RanksDisagree`. A collective that fails or outlasts the
 process group's timeout (a rank died or hangs) raises :class:`RankLost`, which names the ranks that
 never reached that collective when it can tell (each rank counts the collectives it enters in
 torchrun's store; see :mod:`core.collectives`).
@@ -59,7 +60,7 @@ from core.collectives import (RankLost, init_from_env, rank, shutdown,  # noqa: 
                               torchrun_world_size, world_size)
 
 _P = 1_000_000_007          # modulus of the active-set fingerprint
-_META = 5                   # int64 words of checks per rank and step: loss, queries, active set, batches, length
+_META = 5                   # int64 words of checks per rank and step: loss, queries, active set, batches, split
 
 
 class RanksDisagree(RuntimeError):
@@ -160,7 +161,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 # -- the shard --------------------------------------------------------------------------------------
 class Shard:
-    """This rank's share of a :class:`core.CGE` step, and the one collective that completes it.
+    """This rank's share of a :class:`core.CGE` step, and the collectives that complete it.
 
     Pass it to the estimator, ``CGE(model, shard=Shard())``, on every rank of an initialised
     process group (:func:`init_from_env`). ``zo.queries`` then counts the queries of all ranks
@@ -178,10 +179,10 @@ class Shard:
     Attributes:
         costs: seconds per coordinate of each owned parameter once calibrated, else None.
         calibration_queries: extra queries the calibration step spent, summed over ranks.
-        last_bytes: bytes this rank sent in the last step's collective: its share (plus 40 bytes of
+        last_bytes: bytes this rank sent in the last step's collectives: its share (plus 40 bytes of
             checks) to each of the other ranks.
-        last_compute_s, last_wait_s: this rank's seconds estimating its share, and in the
-            all-gather (mostly waiting for slower ranks), in the last step.
+        last_compute_s, last_wait_s: this rank's seconds estimating its share, and in the step's
+            two collectives (mostly waiting for slower ranks), in the last step.
         last_shares: the last step's split, ``last_shares[r][i]`` the coordinates of parameter i
             that rank r estimated (None before the first step).
     """
@@ -310,9 +311,10 @@ class Shard:
         """All shares' values into full zero-filled gradients; returns (gradients, queries of all ranks).
 
         Two collectives: the ranks' checks (:data:`_META` words each, equal sizes), then the shares.
-        Every rank works out the others' share lengths from its own split, so ranks that disagree
-        on the active set must stop before the shares travel (gloo aborts the process on a size
-        mismatch): each rank's checks carry its share's length.
+        Every rank decodes the others' shares by its own split, so ranks whose splits differ (other
+        active sets or dtypes) must all stop before the shares travel (gloo aborts the process on a
+        size mismatch, and equal sizes would decode into the wrong coordinates): each rank's checks
+        carry a print of its whole split's layout, and only equal prints on every rank go on.
 
         ``batches``: (input key, this rank's engine batch sizes for it). When every rank reports the
         same, later steps with that input may cut parameters at those batch boundaries: the split
@@ -321,22 +323,22 @@ class Shard:
         params = [p for _, p in zo.named_params]
         device = params[0].device
         sizes = [p.element_size() for p in params]
-        lengths = [sum(int(idx.numel()) * s for idx, s in zip(share, sizes)) for share in shares]
+        layout = [[int(idx.numel()) * s for idx, s in zip(share, sizes)] for share in shares]   # bytes [rank][param]
+        lengths = [sum(row) for row in layout]
         payload = torch.cat([_bytes(g[idx]) for g, idx in zip(grads, shares[self.rank])])
         meta = torch.stack([loss0.detach().to(device, torch.float64).reshape(()).view(torch.int64),
                             torch.tensor(spent, dtype=torch.int64, device=device),
                             fingerprint(active).to(device),
                             torch.tensor(_batches_print(*batches), dtype=torch.int64, device=device),
-                            torch.tensor(payload.numel(), dtype=torch.int64, device=device)])
+                            torch.tensor(zlib.crc32(repr(layout).encode()), dtype=torch.int64, device=device)])
         self.last_bytes = (self.world - 1) * (8 * _META + int(payload.numel()))
         start = time.perf_counter()
         metas = torch.stack(self._all_gather(meta, "the step's checks")).cpu()     # [world, _META]
         if self.check:
             self._agree(metas)
-        if metas[:, 4].tolist() != lengths:
-            raise RanksDisagree(f"the ranks estimated different active sets (their shares: {metas[:, 4].tolist()} bytes, "
-                                "not what one split of one active set gives): every rank needs the same sparsity plan "
-                                "and seed")
+        if not bool((metas[:, 4] == metas[0, 4]).all()):        # decided alike on every rank
+            raise RanksDisagree("the ranks split the coordinates differently (other active sets or dtypes): every "
+                                "rank needs the same model, sparsity plan and seed")
         gathered = self._all_gather(payload, "the gradient all-gather", lengths)
         self.last_wait_s = time.perf_counter() - start
         full = [torch.zeros(p.numel(), dtype=p.dtype, device=device) for p in params]

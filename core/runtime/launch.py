@@ -261,7 +261,7 @@ class _Reaper:
         return int(stat[stat.rfind(")") + 2:].split()[1])  # the fields after the command name: state, ppid
 
 
-def _got_it_too(proc: subprocess.Popen, reaper: _Reaper, wait: float = 1.0) -> bool:
+def _got_it_too(proc: subprocess.Popen, reaper: _Reaper, wait: float = 2.0) -> bool:
     """Whether torchrun received this SIGINT itself (within ``wait`` seconds) or has ended.
 
     A Ctrl-C in a terminal reaches the whole foreground process group, torchrun included; a second
@@ -322,8 +322,11 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
                     break
                 except KeyboardInterrupt:
                     interrupted = True
-                    if not _got_it_too(proc, reaper):
-                        proc.send_signal(signal.SIGINT)
+                    try:
+                        if not _got_it_too(proc, reaper):
+                            proc.send_signal(signal.SIGINT)
+                    except KeyboardInterrupt:        # pressed again meanwhile: keep waiting for torchrun
+                        pass
         finally:
             signal.signal(signal.SIGTERM, previous)
             done.set()

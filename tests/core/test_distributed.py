@@ -156,8 +156,10 @@ def test_two_gloo_ranks_give_the_gradients_and_weights_of_one_process(tmp_path):
     assert "the ranks disagree on the unperturbed loss" in ranks[0]["disagreement"]
     assert ranks[0]["disagreement"] == ranks[1]["disagreement"]
     # other masks on each rank (checks off): the shares' lengths differ, and the step stops on both
-    assert "the ranks estimated different active sets (their shares: " in ranks[0]["other_masks"]
+    assert "the ranks split the coordinates differently" in ranks[0]["other_masks"]
     assert ranks[0]["other_masks"] == ranks[1]["other_masks"]
+    # as many active coordinates on both ranks, split differently: both stop, in the same words
+    assert ranks[0]["swapped_masks"] == ranks[1]["swapped_masks"] == ranks[0]["other_masks"]
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def test_ctrl_c_interrupts_every_rank_once_and_prints_the_resume_command(tmp_pat
     """Ctrl-C in a terminal reaches the launcher and torchrun (one process group); ``kill -INT``
     the launcher alone, which then passes it on. Either way the ranks get one SIGINT: rank 0 says
     where it was interrupted and how to resume, and its MLflow run ends KILLED."""
-    child = subprocess.Popen([sys.executable, "-m", "applications", *ARGS, "--set", "optim.epochs=20", "--nproc", "2"],
+    child = subprocess.Popen([sys.executable, "-m", "applications", *ARGS, "--set", "optim.epochs=400", "--nproc", "2"],
                              cwd=ROOT, env=_env(DEEPZERO_HOME=str(tmp_path)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, ckpts = time.time() + 240, []

@@ -118,6 +118,23 @@ def other_masks() -> str:
     return ""
 
 
+def swapped_masks() -> str:
+    """Two layers of equal size pruned 25% and 50% on rank 0, 50% and 25% on rank 1: as many active
+    coordinates on both, split differently. Every rank must stop (deciding by its own split alone,
+    one rank could go on into the values' collective and wait there, or decode them wrongly)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 12)).double()
+    low, high = (0.25, 0.5) if D.rank() == 0 else (0.5, 0.25)
+    plan = SparsityPlan(model, {"0.weight": low, "2.weight": high}, seed=3)
+    zo = CGE(model, mu=1e-3, sparsity=plan, shard=D.Shard(calibrate=False, check=False))
+    x, y = torch.randn(B, 12, dtype=torch.float64), torch.randint(0, 12, (B,))
+    try:
+        zo.backward(F.cross_entropy, x, y)
+    except D.RanksDisagree as exc:
+        return str(exc)
+    return ""
+
+
 def main(out: str) -> None:
     faulthandler.enable()                      # a native abort still shows where Python was
     torch.set_num_threads(1)
@@ -126,6 +143,7 @@ def main(out: str) -> None:
         results = {name: run(name, D.Shard(exact=sc.exact, calibrate=sc.calibrate)) for name, sc in SCENARIOS.items()}
         results["disagreement"] = disagreement()
         results["other_masks"] = other_masks()
+        results["swapped_masks"] = swapped_masks()
         results["world"] = D.world_size()
         torch.save(results, f"{out}.rank{D.rank()}")
     except BaseException:                      # the test shows this rank's own traceback
