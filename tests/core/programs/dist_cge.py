@@ -90,17 +90,22 @@ def run(name: str, shard=None) -> dict:
             "active": zo.num_active(), "cut": cut, "params": len(list(model.parameters()))}
 
 
+def refusal(zo, x, y) -> str:
+    """The words of the step's RanksDisagree ("" when the step went through)."""
+    try:
+        zo.backward(F.cross_entropy, x, y)
+    except D.RanksDisagree as exc:
+        return str(exc)
+    return ""
+
+
 def disagreement() -> str:
     """Rank r trains on labels shifted by r: every rank must refuse the step in the same words."""
     torch.manual_seed(0)
     model = mlp().double()
     zo = CGE(model, mu=1e-3, shard=D.Shard(calibrate=False))
     x, y = batch("mlp", 0, torch.float64, skew=D.rank())
-    try:
-        zo.backward(F.cross_entropy, x, y)
-    except D.RanksDisagree as exc:
-        return str(exc)
-    return ""
+    return refusal(zo, x, y)
 
 
 def other_masks() -> str:
@@ -111,11 +116,7 @@ def other_masks() -> str:
     plan = SparsityPlan(model, random_ratios(model, 0.5 + 0.1 * D.rank()), seed=3)
     zo = CGE(model, mu=1e-3, sparsity=plan, shard=D.Shard(calibrate=False, check=False))
     x, y = batch("mlp", 0, torch.float64)
-    try:
-        zo.backward(F.cross_entropy, x, y)
-    except D.RanksDisagree as exc:
-        return str(exc)
-    return ""
+    return refusal(zo, x, y)
 
 
 def swapped_masks() -> str:
@@ -128,11 +129,7 @@ def swapped_masks() -> str:
     plan = SparsityPlan(model, {"0.weight": low, "2.weight": high}, seed=3)
     zo = CGE(model, mu=1e-3, sparsity=plan, shard=D.Shard(calibrate=False, check=False))
     x, y = torch.randn(B, 12, dtype=torch.float64), torch.randint(0, 12, (B,))
-    try:
-        zo.backward(F.cross_entropy, x, y)
-    except D.RanksDisagree as exc:
-        return str(exc)
-    return ""
+    return refusal(zo, x, y)
 
 
 def main(out: str) -> None:
