@@ -7,6 +7,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def process_env(**extra: str) -> dict:
+    """The environment of a child process on one thread that imports this checkout (no tracking URI
+    of the caller's)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "DEEPZERO_HOME": str(home), "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
