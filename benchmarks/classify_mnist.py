@@ -28,7 +28,7 @@ def main() -> None:
     from applications.classification.config import ClassifyConfig
     from applications.classification.study import format_table, summarize
     from applications.classification.train import ClassifyExperiment, count_params
-    from core.runtime.experiment import run_experiment
+    from core.runtime.loop import run_experiment
     from core.runtime.data import load_dataset
     from core.runtime.tracking import Tracker
 

@@ -124,7 +124,7 @@ def deepzero_bytes(params: int, active: int, ranks: int, itemsize: int = 4) -> i
 
 def resnet20_volume(ranks: int) -> dict:
     from core import SparsityPlan, random_ratios
-    from core.distributed import split
+    from core.sharding import split
     from core.models import build_model
 
     model = build_model("resnet20", in_channels=3, num_classes=10)

@@ -23,7 +23,7 @@ def halting(args, cfg, data, teacher, spec) -> list[dict]:
     from applications.edge_kd.halting import POLICIES
     from applications.edge_kd.main_job import format_table, savings
     from applications.edge_kd.train import KDExperiment
-    from core.runtime.experiment import run_experiment
+    from core.runtime.loop import run_experiment
     from core.runtime.tracking import Tracker
 
     rows = []

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from applications.certified_defense.config import DefenseConfig, radii
-from core.runtime.errors import UserError
-from core.runtime.experiment import user_errors
+from core.runtime.errors import UserError, user_errors
 
 METHOD_LABELS = {"none": "no denoiser", "fo-ds": "FO-DS (white-box)", "zo-ae-ds": "ZO-AE-DS", "zo-ds": "ZO-DS"}
 
@@ -147,7 +146,7 @@ def verify_command(cfg: DefenseConfig, *, denoiser: str | None, eps: str, norms:
     from applications.certified_defense.train import front_from_checkpoint, target_from_config
     from applications.certified_defense.verify import verify_report
     from core.runtime.checkpoint import load_checkpoint
-    from core.runtime.experiment import tsv
+    from core.runtime.plotting import tsv
     from core.runtime.tracking import Tracker
 
     try:
@@ -201,7 +200,8 @@ def run_pipeline(cfg: DefenseConfig, *, methods: str, progress: bool) -> int:
     from applications.certified_defense.certify import plot_curves
     from applications.certified_defense.train import DefenseExperiment, target_from_config
     from core.runtime.config import flatten
-    from core.runtime.experiment import run_experiment, run_sweep, tsv
+    from core.runtime.loop import run_experiment, run_sweep
+    from core.runtime.plotting import tsv
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     if not chosen or any(m not in ("fo-ds", "zo-ae-ds", "zo-ds") for m in chosen):

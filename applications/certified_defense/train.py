@@ -32,7 +32,8 @@ from applications.certified_defense.config import DefenseConfig
 from core.blackbox import BlackBox, BudgetExceeded
 from core.runtime.cli import resolve_device
 from core.runtime.data import Dataset, DataSplit, batches, load_dataset
-from core.runtime.experiment import Experiment, TrainingDiverged
+from core.runtime.errors import TrainingDiverged
+from core.runtime.experiment import Experiment
 from core.runtime.seeding import seed_everything
 
 

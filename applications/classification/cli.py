@@ -88,8 +88,8 @@ def _prune(args) -> int:
     from applications.classification.train import ClassifyExperiment
     from core.runtime.blocks import ratio_table
     from core.runtime.config import flatten
-    from core.runtime.errors import UserError
-    from core.runtime.experiment import tsv, user_errors
+    from core.runtime.errors import UserError, user_errors
+    from core.runtime.plotting import tsv
     from core.runtime.tracking import Tracker, project_root
     from core.sparsity import save_ratios
 
@@ -125,8 +125,7 @@ def _prune(args) -> int:
 def _evaluate(args) -> int:
     from core.runtime.checkpoint import load_checkpoint
     from core.runtime.cli import resolve_device, setup_torch
-    from core.runtime.errors import UserError
-    from core.runtime.experiment import user_errors
+    from core.runtime.errors import UserError, user_errors
     from core.runtime.tracking import Tracker
 
     setup_torch(args.threads)

@@ -75,8 +75,9 @@ def run_study(cfg: ClassifyConfig, *, depths: str | None, methods: str | None, s
     from applications.classification.train import ClassifyExperiment, count_params
     from core.runtime.config import flatten
     from core.runtime.data import load_dataset
-    from core.runtime.experiment import run_experiment, run_sweep, tsv, user_errors
-    from core.runtime.plotting import line_plot
+    from core.runtime.errors import user_errors
+    from core.runtime.loop import run_experiment, run_sweep
+    from core.runtime.plotting import line_plot, tsv
 
     depth_list = _ints(depths, [1, 2] if quick else [1, 2, 3, 4, 5], "--depths")
     method_list = [m.strip() for m in (methods or "fo,cge,rge").split(",") if m.strip()]

@@ -1,7 +1,7 @@
 """ZO training from scratch: sparse CGE (DeepZero), RGE, MeZO, or backprop — on the shared experiment loop.
 
 The app supplies what is its own (data, model, one cross-entropy step, test accuracy); the loop,
-checkpoints, resume, metrics and plots are :mod:`core.runtime.experiment`'s.
+checkpoints, resume, metrics and plots are :mod:`core.runtime.loop`'s.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from core.blackbox import BudgetExceeded
 from core.runtime.blocks import make_estimator, make_optimizer, ratio_table, sparsity_ratios
 from core.runtime.cli import resolve_device
 from core.runtime.data import Dataset, DataSplit, batches, load_dataset
-from core.runtime.experiment import Experiment, tsv
+from core.runtime.experiment import Experiment
+from core.runtime.plotting import tsv
 from core.runtime.seeding import seed_everything
 
 

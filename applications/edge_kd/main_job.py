@@ -13,8 +13,8 @@ import copy
 from typing import Any
 
 from applications.edge_kd.config import KDAppConfig, sweep_methods
-from core.runtime.errors import UserError
-from core.runtime.experiment import tsv, user_errors
+from core.runtime.errors import UserError, user_errors
+from core.runtime.plotting import tsv
 
 
 def savings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +56,7 @@ def run_pipeline(cfg: KDAppConfig, *, progress: bool) -> int:
     from applications.edge_kd.teacher import train_teacher
     from applications.edge_kd.train import KDExperiment, design_for, evaluation_logits, load_data, teacher_for
     from core.runtime.config import flatten
-    from core.runtime.experiment import run_experiment, run_sweep
+    from core.runtime.loop import run_experiment, run_sweep
     from core.runtime.tracking import project_root
 
     methods, policies, extra = sweep_methods(cfg.sweep)

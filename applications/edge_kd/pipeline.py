@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from applications.edge_kd.config import KDAppConfig
-from core.runtime.errors import UserError
-from core.runtime.experiment import tsv, user_errors
+from core.runtime.errors import UserError, user_errors
+from core.runtime.plotting import tsv
 
 
 def _runs_dir(*parts: str) -> Path:

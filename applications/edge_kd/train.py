@@ -27,8 +27,9 @@ from core.blackbox import BudgetExceeded
 from core.runtime.blocks import lr_factor, sparsity_ratios
 from core.runtime.cli import resolve_device
 from core.runtime.data import Dataset, DataSplit, load_dataset
-from core.runtime.errors import UserError
-from core.runtime.experiment import Experiment, TrainingDiverged, tsv
+from core.runtime.errors import TrainingDiverged, UserError
+from core.runtime.experiment import Experiment
+from core.runtime.plotting import tsv
 from core.runtime.seeding import seed_everything
 
 

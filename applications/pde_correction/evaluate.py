@@ -15,7 +15,7 @@ import numpy as np
 
 from applications.pde_correction.rollout import rollout_errors
 from applications.pde_correction.train import Problem, summarize_errors
-from core.runtime.experiment import TrainingDiverged
+from core.runtime.errors import TrainingDiverged
 
 
 def evaluate_models(problem: Problem, models: dict[str, Any], *, horizon: int, sims: int = 0,
@@ -158,7 +158,7 @@ def rollout_gif(family, reference: list[np.ndarray], kept: dict[str, list[np.nda
 def log_evaluation(tracker, problem: Problem, rows, errors, kept, *, horizon: int, frames_kept: int,
                    title: str, workdir: Path) -> None:
     """Table, error plot, snapshots and GIF as artifacts of ``tracker``'s run; metrics per mode."""
-    from core.runtime.experiment import tsv
+    from core.runtime.plotting import tsv
 
     workdir.mkdir(parents=True, exist_ok=True)
     tracker.log_text(tsv(rows), "evaluation/mae.tsv")

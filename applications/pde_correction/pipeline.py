@@ -31,7 +31,7 @@ class EvaluationStopped(UserError):
 @contextmanager
 def _evaluation_guard(what: str):
     from applications.pde_correction.rollout import SolverFailed
-    from core.runtime.experiment import TrainingDiverged
+    from core.runtime.errors import TrainingDiverged
 
     try:
         yield
@@ -69,7 +69,9 @@ def run_pipeline(cfg: PDEConfig, *, cells: str | None = None, progress: bool = T
     from applications.pde_correction.evaluate import evaluate_models, log_evaluation
     from applications.pde_correction.train import PDEExperiment, Problem
     from core.runtime.config import flatten
-    from core.runtime.experiment import run_experiment, run_sweep, tsv, user_errors
+    from core.runtime.errors import user_errors
+    from core.runtime.loop import run_experiment, run_sweep
+    from core.runtime.plotting import tsv
 
     if cells is None:
         cells = DEFAULT_CELLS if cfg.solver.source == "burgers" else DEFAULT_CELLS.replace(",fo-sol", "")
@@ -151,7 +153,8 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
     from core.models import from_spec
     from core.runtime.checkpoint import load_checkpoint
     from core.runtime.config import build_config, flatten
-    from core.runtime.experiment import tsv, user_errors
+    from core.runtime.errors import user_errors
+    from core.runtime.plotting import tsv
     from core.runtime.tracking import Tracker
 
     if not checkpoints:
@@ -204,7 +207,7 @@ def evaluate_command(cfg: PDEConfig, checkpoints: list[str], *, progress: bool =
 
 def generate_command(cfg: PDEConfig, *, progress: bool = True) -> int:
     from applications.pde_correction.data import generate
-    from core.runtime.experiment import user_errors
+    from core.runtime.errors import user_errors
 
     t0 = time.perf_counter()
     with user_errors():

@@ -36,7 +36,7 @@ def solver_step(solver, state: torch.Tensor, cond: dict[str, np.ndarray]) -> tor
     sees it, so a corrector's blow-up is never reported as the solver's failure.
     """
     if not torch.isfinite(state).all():
-        from core.runtime.experiment import TrainingDiverged
+        from core.runtime.errors import TrainingDiverged
 
         raise TrainingDiverged("the corrected state became non-finite before a solver step (the corrector "
                                "diverged: lower optim.lr, or zo.mu)")
@@ -133,7 +133,7 @@ def rollout_errors(model, solver, family: Family, frames: np.ndarray, cond: dict
         if model is not None:
             s = s + family.from_field(model(family.net_input(s, planes)))
         if not torch.isfinite(s).all():
-            from core.runtime.experiment import TrainingDiverged
+            from core.runtime.errors import TrainingDiverged
 
             raise TrainingDiverged(f"the corrected rollout became non-finite at step {t} of the evaluation "
                                    "(the corrector diverged: lower optim.lr)")

@@ -24,7 +24,8 @@ from applications.pde_correction.data import PDEData, family_for, generate, open
 from applications.pde_correction.rollout import (SolverFailed, Window, differentiable_twin, residual_scale,
                                                  rollout_errors, sample_windows, scales, solver_step,
                                                  unrolled_loss, zo_objective)
-from core.runtime.experiment import Experiment, TrainingDiverged
+from core.runtime.errors import TrainingDiverged
+from core.runtime.experiment import Experiment
 from core.runtime.seeding import seed_everything
 
 

@@ -60,7 +60,7 @@ class ShapePlanner:
         The engine takes a parameter's coordinates in batches of this many, from the first one it
         is given; a caller that splits the coordinates at multiples of it (counted from the
         parameter's first active coordinate) gets the batches of one call, bit for bit
-        (:func:`core.distributed.split`). Coordinates perturbed in place or skipped count 1.
+        (:func:`core.sharding.split`). Coordinates perturbed in place or skipped count 1.
         """
         if (tuple(x.shape), x.dtype, x.device, chunk, kernels.enabled(x)) != self._key:
             return None

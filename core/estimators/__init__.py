@@ -1,6 +1,6 @@
 """ZO gradient estimators with an ordinary-PyTorch interface: ``loss = zo.backward(loss_fn, x, y)``."""
-from core.estimators.base import (BatchedObjective, Objective, ZOEstimator, batched_objective, frozen_buffers,
-                                  objective, restore_on_error)
+from core.estimators.base import ZOEstimator, frozen_buffers, restore_on_error
+from core.estimators.objectives import BatchedObjective, Objective, batched_objective, objective
 from core.estimators.cge import CGE
 from core.estimators.functional import call_stacked, stacked_forward
 from core.estimators.hybrid import Hybrid

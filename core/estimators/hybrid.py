@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.estimators.base import LossFn, ZOEstimator, bind_objective, restore_on_error
+from core.estimators.base import ZOEstimator, restore_on_error
+from core.estimators.objectives import LossFn, bind_objective
 
 
 class Hybrid:

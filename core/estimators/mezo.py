@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.estimators.base import (LossFn, ObjectiveCall, Snapshot, ZOEstimator, bind_objective,
-                                  frozen_buffers, has_running_stats, restore_on_error)
+from core.estimators.base import Snapshot, ZOEstimator, frozen_buffers, has_running_stats, restore_on_error
+from core.estimators.objectives import LossFn, ObjectiveCall, bind_objective
 from core.models.lean import lean_forward
 
 _MASK64 = (1 << 64) - 1

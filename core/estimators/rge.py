@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.estimators.base import ObjectiveCall, Snapshot, ZOEstimator, frozen_buffers
+from core.estimators.base import Snapshot, ZOEstimator, frozen_buffers
+from core.estimators.objectives import ObjectiveCall
 
 DISTRIBUTIONS = ("gaussian", "sphere")
 

@@ -141,7 +141,8 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
     from core.runtime import launch
     from core.runtime.checkpoint import load_checkpoint
     from core.runtime.config import to_yaml
-    from core.runtime.experiment import checkpoint_path, resume_config, run_experiment, user_errors
+    from core.runtime.errors import user_errors
+    from core.runtime.loop import checkpoint_path, resume_config, run_experiment
 
     setup_torch(args.threads)
     launch.check_launch_args(args)

@@ -27,11 +27,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from core.runtime.errors import UserError
+from core.runtime.torchrun import Reaper, Relay, failures, got_it_too, last_line, root_cause, shutdown_grace
 
 UNSHARDED = ("zo-rge", "zo-mezo", "fo")          # methods with no coordinates to split
 
@@ -108,92 +108,6 @@ def loopback() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-class _Relay:
-    """Copies rank 0's growing log files to this process's stdout/stderr as they grow.
-
-    Rank 0's closing message (a line starting with one of ``hold``) and what follows it are kept
-    back: the launcher decides at the end whether that message or its own explains the stop.
-    """
-
-    def __init__(self, folder: Path, hold: tuple[str, ...]) -> None:
-        self.folder, self.hold = folder, hold
-        self.offsets = {"stdout": 0, "stderr": 0}
-        self.pending, self.held, self.holding = "", [], False
-        self.stdout_text = ""
-
-    def poll(self) -> None:
-        for name in ("stdout", "stderr"):
-            files = sorted(self.folder.glob(f"*/attempt_*/0/{name}.log"))
-            if not files:
-                continue
-            with open(files[-1], "rb") as f:
-                f.seek(self.offsets[name])
-                data = f.read()
-            self.offsets[name] += len(data)
-            text = data.decode("utf-8", errors="replace")      # a split character shows as one �, no more
-            if name == "stdout":
-                self.stdout_text += text
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            else:
-                self._stderr(text)
-
-    def _stderr(self, text: str) -> None:
-        self.pending += text
-        while "\n" in self.pending:
-            line, self.pending = self.pending.split("\n", 1)
-            self._emit(line + "\n")
-        s = self.pending.lstrip("\r\n")
-        if self.pending and not self.holding and not any(s.startswith(m) or m.startswith(s) for m in self.hold):
-            self._emit(self.pending)                        # a progress bar redrawn with \r
-            self.pending = ""
-
-    def _emit(self, text: str) -> None:
-        if self.holding or text.lstrip("\r\n").startswith(self.hold):
-            self.holding = True
-            self.held.append(text)
-        else:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-
-    def finish(self) -> str:
-        self.poll()
-        if self.pending:
-            self._emit(self.pending)
-        return "".join(self.held)
-
-
-def _failures(report: str) -> list[tuple[int, int]]:
-    """(rank, exit code) of each failed rank in torchrun's report, the root cause first."""
-    found = [(int(r), int(c)) for r, c in re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", report)]
-    root = report.find("Root Cause")
-    if root >= 0:
-        first = re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", report[root:])[:1]
-        found = [(int(r), int(c)) for r, c in first] + found
-    return found
-
-
-def _cause(failures: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """torchrun's root cause (first observed failure), unless that rank only got torchrun's SIGTERM
-    or SIGINT (then the first failure that did not).
-
-    A hung rank is killed only after the rank that gave up waiting for it has failed, so the root
-    cause is already the rank whose line names it.
-    """
-    for r, code in failures:
-        if -code not in (signal.SIGTERM, signal.SIGINT):
-            return r, code
-    return failures[0] if failures else None
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
 def _resume_hint(ckpt: Path | None, prog: str, nproc: int) -> str:
     from core.runtime.checkpoint import load_checkpoint
 
@@ -209,71 +123,6 @@ def _resume_hint(ckpt: Path | None, prog: str, nproc: int) -> str:
             f"{shlex.quote(str(ckpt))} --nproc {nproc}")
 
 
-def _grace() -> float:
-    """Seconds a rank gets to end after torchrun told it to (SIGTERM), before SIGKILL: torch's
-    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` when set, else 20."""
-    value = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "20")
-    if not re.fullmatch(r"[0-9]+", value):
-        raise UserError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 0; got {value!r}")
-    return float(value)
-
-
-class _Reaper:
-    """Kills, ``grace`` seconds after torchrun sent them SIGTERM, the ranks still running.
-
-    torchrun stops the other ranks when one fails, but waits a fixed 30 s for a hung rank (one that
-    cannot act on SIGTERM) whatever its ``--shutdown-timeout``. This reads torchrun's log (its
-    warnings: the launcher keeps ``LOGLEVEL`` at WARNING or below) for the pids it is closing and
-    sends SIGKILL itself, only to a process that is still torchrun's child (Linux's ``/proc``;
-    elsewhere, or with torchrun started by hand, torchrun's own 30 s apply).
-    """
-
-    def __init__(self, log: Path, torchrun: int, grace: float) -> None:
-        self.log, self.torchrun, self.grace = log, torchrun, grace
-        self.offset, self.closing = 0, {}                  # pid -> when torchrun sent SIGTERM
-        self.signalled = False                              # torchrun logged a SIGINT/SIGTERM of its own
-
-    def poll(self) -> None:
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        cut = data.rfind(b"\n") + 1                         # whole lines only
-        self.offset += cut
-        now = time.monotonic()
-        self.signalled = self.signalled or b" death signal, shutting down workers" in data[:cut]
-        for pid in re.findall(rb"Sending process (\d+) closing signal", data[:cut]):
-            self.closing.setdefault(int(pid), now)
-        for pid, since in list(self.closing.items()):
-            if now - since >= self.grace:
-                del self.closing[pid]
-                if self._parent(pid) == self.torchrun:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-
-    @staticmethod
-    def _parent(pid: int) -> int | None:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        return int(stat[stat.rfind(")") + 2:].split()[1])  # the fields after the command name: state, ppid
-
-
-def _got_it_too(proc: subprocess.Popen, reaper: _Reaper, wait: float = 2.0) -> bool:
-    """Whether torchrun received this SIGINT itself (within ``wait`` seconds) or has ended.
-
-    A Ctrl-C in a terminal reaches the whole foreground process group, torchrun included; a second
-    SIGINT from the launcher would cut torchrun's shutdown short and end the ranks with SIGTERM
-    instead. So the launcher forwards only a SIGINT that was sent to it alone (``kill -INT``).
-    """
-    deadline = time.monotonic() + wait
-    while not reaper.signalled and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return reaper.signalled or proc.poll() is not None
-
-
 def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkpoint_of) -> int:
     """Run this training command on ``args.nproc`` ranks under torchrun; report the outcome.
 
@@ -284,7 +133,7 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
     Returns:
         0; else the exit status of the rank that ended the run (1 when it was killed).
     """
-    nproc, grace = args.nproc, _grace()
+    nproc, grace = args.nproc, shutdown_grace()
     folder = Path(tempfile.mkdtemp(prefix="deepzero-ranks-"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
@@ -292,10 +141,10 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
            "-m", "applications", *prog.split()[1:], *rank_argv(args, argv)]
     env = {**os.environ, "OMP_NUM_THREADS": str(getattr(args, "threads", 1)), "PYTHONUNBUFFERED": "1"}
     if env.get("LOGLEVEL", "WARNING").upper() not in ("DEBUG", "INFO", "WARNING"):
-        env["LOGLEVEL"] = "WARNING"                 # torchrun's "closing signal" lines, which _Reaper reads
+        env["LOGLEVEL"] = "WARNING"                 # torchrun's "closing signal" lines, which Reaper reads
     if loopback() and "GLOO_SOCKET_IFNAME" not in env:
         env["GLOO_SOCKET_IFNAME"] = loopback()     # gloo's connections stay on 127.0.0.1
-    relay = _Relay(folder, (f"{prog}:", "interrupted during"))
+    relay = Relay(folder, (f"{prog}:", "interrupted during"))
     done = threading.Event()
 
     def pump():
@@ -311,7 +160,7 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
     interrupted = False
     with open(folder / "torchrun.log", "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        reaper = _Reaper(folder / "torchrun.log", proc.pid, grace)
+        reaper = Reaper(folder / "torchrun.log", proc.pid, grace)
         previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
         thread = threading.Thread(target=pump, daemon=True)
         thread.start()
@@ -323,7 +172,7 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
                 except KeyboardInterrupt:
                     interrupted = True
                     try:
-                        if not _got_it_too(proc, reaper):
+                        if not got_it_too(proc, reaper):
                             proc.send_signal(signal.SIGINT)
                     except KeyboardInterrupt:        # pressed again meanwhile: keep waiting for torchrun
                         pass
@@ -336,7 +185,7 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
         if rc == 0 or interrupted:
             sys.stderr.write(held)
             return 130 if interrupted else 0
-        cause = _cause(_failures((folder / "torchrun.log").read_text(errors="replace")))
+        cause = root_cause(failures((folder / "torchrun.log").read_text(errors="replace")))
         if cause is None or (cause[0] == 0 and cause[1] >= 0):
             if not held:
                 folder = None                       # keep torchrun's report: nothing else explains it
@@ -351,7 +200,7 @@ def launch_local(args: argparse.Namespace, argv: list[str], *, prog: str, checkp
             except ValueError:
                 how = f"was killed by signal {-code}"
         else:
-            why = _last_line(next(iter(sorted(relay.folder.glob(f"*/attempt_*/{r}/stderr.log"))), Path("/nonexistent")))
+            why = last_line(next(iter(sorted(relay.folder.glob(f"*/attempt_*/{r}/stderr.log"))), Path("/nonexistent")))
             lost = re.search(r": stopped: (lost contact .*)$", why)      # it gave up waiting for another rank
             how = lost.group(1) if lost else f"failed (exit status {code})" + (f": {why}" if why else "")
         run = re.search(r"^run ([0-9a-f]{32})\b", relay.stdout_text, re.M)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.distributed import split
+from core.sharding import split
 from core.runtime.launch import loopback
 from tests.helpers import ROOT, process_env
 

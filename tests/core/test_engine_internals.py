@@ -268,12 +268,12 @@ def test_active_subsets_add_up_to_the_full_estimate():
 
 @pytest.mark.parametrize("chunk,central", [(None, False), (5, False), (6, True)])
 def test_a_split_at_batch_boundaries_is_bit_for_bit_the_whole_estimate(chunk, central, loops):
-    """What a distributed rank relies on (core.distributed.split with units): cut each parameter's
+    """What a distributed rank relies on (core.sharding.split with units): cut each parameter's
     active coordinates only after whole batches of the engine, and every part is the one-call value.
     (With PyTorch operators, as on a GPU, a cut anywhere else changed the last bits here: 5e-5 in
     float32 with the default batches.)"""
-    from core.distributed import split
-    from core.estimators.base import bind_objective
+    from core.sharding import split
+    from core.estimators.objectives import bind_objective
 
     torch.manual_seed(0)
     model = _cnn()                                                 # float32: no tolerance to hide behind

@@ -120,7 +120,7 @@ def test_zo_trainers_never_backpropagate_into_the_classifier(method, tmp_path, m
     from applications.certified_defense.train import DefenseExperiment
     from core.models import build_model, with_normalize
     from core.runtime.data import load_dataset
-    from core.runtime.experiment import run_experiment
+    from core.runtime.loop import run_experiment
     from core.runtime.tracking import Tracker
 
     monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path))

@@ -199,7 +199,7 @@ def test_curriculum_splits_epochs_over_the_unroll_lengths():
 
 def test_a_diverging_corrector_is_reported_as_divergence_and_costs_only_its_own_row():
     from applications.pde_correction.evaluate import evaluate_models
-    from core.runtime.experiment import TrainingDiverged
+    from core.runtime.errors import TrainingDiverged
 
     solver, fam = Burgers(16, nu=0.01, dt=0.05, umax=3.0), BurgersFamily(4, (16,))
     net = _corrector(fam)

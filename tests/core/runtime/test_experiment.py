@@ -93,7 +93,7 @@ def test_resume_refuses_unsafe_changes_and_applies_safe_ones(tmp_path):
 
 
 def test_resume_config_unit():
-    from core.runtime.experiment import resume_config
+    from core.runtime.loop import resume_config
     from tests.core.runtime.toy_app import ToyConfig
     import dataclasses
 

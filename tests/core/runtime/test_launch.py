@@ -109,7 +109,7 @@ def _uninterrupted(home: Path, monkeypatch) -> dict:
     from applications.classification.config import PRESET_DIR, ClassifyConfig
     from applications.classification.train import ClassifyExperiment
     from core.runtime.cli import resolve_config
-    from core.runtime.experiment import run_experiment
+    from core.runtime.loop import run_experiment
     from core.runtime.tracking import NullTracker
 
     monkeypatch.setenv("DEEPZERO_HOME", str(home))
@@ -210,7 +210,7 @@ def test_hung_rank_ends_the_run_after_the_timeout_and_is_named(tmp_path, hung):
 def test_reaper_kills_only_the_ranks_torchrun_closes_and_only_its_own_children(tmp_path):
     """torchrun's "closing signal" lines name the pids; after the grace a stopped child is killed,
     a pid that is not the launcher's child (here a grandchild) is left alone."""
-    from core.runtime.launch import _Reaper
+    from core.runtime.torchrun import Reaper
 
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     child = subprocess.Popen(sleeper)
@@ -223,7 +223,7 @@ def test_reaper_kills_only_the_ranks_torchrun_closes_and_only_its_own_children(t
         digits = str(grandchild).encode()
         log.write_bytes(b"W1207 api.py:1028] Sending process %d closing signal SIGTERM\n" % child.pid
                         + b"W1207 api.py:1028] Sending process " + digits[:-1])   # a line still being written
-        reaper = _Reaper(log, os.getpid(), grace=0.3)
+        reaper = Reaper(log, os.getpid(), grace=0.3)
         reaper.poll()
         assert set(reaper.closing) == {child.pid}                # not the pid cut short, nor a wrong one
         with open(log, "ab") as f:
