@@ -28,10 +28,15 @@ def deepzero_in_process(*args: str, home: Path) -> subprocess.CompletedProcess:
     Saves the ~3 s interpreter and import start-up of a subprocess per call; the result has the
     fields of a finished subprocess (exit status from the return value or ``SystemExit``).
     """
+    from applications.cli import main
+
+    return in_process(main, *args, home=home, prog="deepzero")
+
+
+def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedProcess:
+    """``main(list(args))`` with ``$DEEPZERO_HOME=home`` and its output captured, as a finished process."""
     import contextlib
     import io
-
-    from applications.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")}
@@ -46,7 +51,7 @@ def deepzero_in_process(*args: str, home: Path) -> subprocess.CompletedProcess:
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    return subprocess.CompletedProcess(["deepzero", *args], int(code or 0), out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([prog, *args], int(code or 0), out.getvalue(), err.getvalue())
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -63,3 +68,19 @@ def mlflow_client(home: Path):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+
+
+def runs_in_store(home: Path) -> int:
+    """How many MLflow runs the tracking store under ``home`` holds (0 when no store was created).
+
+    Read straight from the sqlite file, the store itself: a bad-input test uses it to show that the
+    mistake stopped the command before any run was opened, without the seconds an MLflow client
+    spends creating or opening the store.
+    """
+    import sqlite3
+
+    db = home / "mlflow" / "mlflow.db"
+    if not db.is_file():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]

