@@ -7,16 +7,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_EMPTY_STORE: list[Path] = []           # this session's empty MLflow store, made once by MLflow itself
+
+
+def with_store(home: Path) -> Path:
+    """Give a new ``home`` an empty MLflow tracking store before a command opens it; returns ``home``.
+
+    MLflow spends ~2 s creating a sqlite store's tables; the tests open dozens of fresh homes, so
+    the store MLflow created once this session (same version, no runs, the default experiment only)
+    is copied in instead. A home that has a store keeps it. Creating a store through deepzero's own
+    code stays tested in process (tests/core/runtime/test_tracking.py).
+    """
+    import shutil
+    import tempfile
+
+    db = Path(home) / "mlflow" / "mlflow.db"
+    if db.exists():
+        return home
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        folder = tempfile.mkdtemp(prefix="empty-store-", dir=os.environ.get("DEEPZERO_CACHE"))  # removed with it
+        empty = Path(folder) / "mlflow.db"
+        MlflowClient(f"sqlite:///{empty}").search_experiments()          # creates the tables
+        _EMPTY_STORE.append(empty)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], db)
+    return home
+
+
 def process_env(**extra: str) -> dict:
     """The environment of a child process on one thread that imports this checkout (no tracking URI
     of the caller's)."""
+    if "DEEPZERO_HOME" in extra:
+        with_store(Path(extra["DEEPZERO_HOME"]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
 def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "DEEPZERO_HOME": str(home), "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
     return subprocess.run([sys.executable, "-m", "applications", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
@@ -40,7 +71,7 @@ def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedP
 
     out, err = io.StringIO(), io.StringIO()
     saved = {k: os.environ.get(k) for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["DEEPZERO_HOME"] = str(home)
+    os.environ["DEEPZERO_HOME"] = str(with_store(home))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, runs_in_store
+from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, runs_in_store, with_store
 
 
 def test_smoke_preset_end_to_end(tmp_path):
@@ -106,7 +106,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (straight,) = (straight_home / "runs" / "classify").glob("*/checkpoint.pt")
 
-    env = {**os.environ, "DEEPZERO_HOME": str(killed_home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DEEPZERO_HOME": str(with_store(killed_home)), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     child = subprocess.Popen([sys.executable, "-m", "applications", *RESUME_ARGS], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -10,11 +10,11 @@ import torch
 
 from core.runtime.checkpoint import load_checkpoint
 from core.runtime.errors import UserError
-from tests.helpers import ROOT, in_process, one_line_error
+from tests.helpers import ROOT, in_process, one_line_error, with_store
 
 
 def toy(*args, home, timeout=120):
-    env = {**os.environ, "DEEPZERO_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "tests.core.runtime.toy_app", "train", "--no-progress", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -28,7 +28,7 @@ def toy_in_process(*args, home):
 
 
 def toy_popen(*args, home):
-    env = {**os.environ, "DEEPZERO_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "tests.core.runtime.toy_app", "train", "--no-progress", *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
