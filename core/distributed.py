@@ -56,9 +56,9 @@ import torch
 import torch.distributed as dist
 
 from core.collectives import arrive, lost
-from core.sharding import split
 from core.collectives import (RankLost, init_from_env, rank, shutdown,  # noqa: F401  (the group's API, kept here too)
                               torchrun_world_size, world_size)
+from core.sharding import split
 
 _P = 1_000_000_007          # modulus of the active-set fingerprint
 _META = 5                   # int64 words of checks per rank and step: loss, queries, active set, batches, split
@@ -68,6 +68,7 @@ class RanksDisagree(RuntimeError):
     """The ranks evaluated different losses or active sets (different data, weights or seeds)."""
 
 
+# -- what the ranks compare before the values travel --------------------------------------------------
 def _call_key(call: Any) -> tuple:
     """What the engine's batch sizes depend on that every rank sees alike: the objective's kind and
     the input's shape and dtype."""

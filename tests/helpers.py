@@ -38,7 +38,7 @@ def with_store(home: Path) -> Path:
 
 def process_env(**extra: str) -> dict:
     """The environment of a child process on one thread that imports this checkout (no tracking URI
-    of the caller's)."""
+    of the caller's); a ``DEEPZERO_HOME`` given gets the session's empty store (:func:`with_store`)."""
     if "DEEPZERO_HOME" in extra:
         with_store(Path(extra["DEEPZERO_HOME"]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
@@ -46,8 +46,12 @@ def process_env(**extra: str) -> dict:
     return env
 
 
-def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT), **(env or {})}
+def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = None,
+             store: bool = True) -> subprocess.CompletedProcess:
+    """``deepzero ARGS`` in a subprocess with ``$DEEPZERO_HOME=home``; ``store``: give a new home the
+    session's empty MLflow store first (:func:`with_store`), False to see whether the command made one."""
+    full_env = {**os.environ, "DEEPZERO_HOME": str(with_store(home) if store else home), "PYTHONPATH": str(ROOT),
+                **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
     return subprocess.run([sys.executable, "-m", "applications", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
@@ -65,11 +69,18 @@ def deepzero_in_process(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedProcess:
-    """``main(list(args))`` with ``$DEEPZERO_HOME=home`` and its output captured, as a finished process."""
+    """``main(list(args))`` with ``$DEEPZERO_HOME=home`` and its output captured, as a finished process.
+
+    The global RNG states a command seeds (Python, NumPy, torch) are restored afterwards, so later
+    tests do not depend on which commands ran before them in this process.
+    """
     import contextlib
     import io
 
+    from core.runtime.seeding import get_rng_state, set_rng_state
+
     out, err = io.StringIO(), io.StringIO()
+    rng = get_rng_state()
     saved = {k: os.environ.get(k) for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")}
     os.environ["DEEPZERO_HOME"] = str(with_store(home))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -82,6 +93,7 @@ def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedP
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        set_rng_state(rng)
     return subprocess.CompletedProcess([prog, *args], int(code or 0), out.getvalue(), err.getvalue())
 
 
@@ -101,17 +113,20 @@ def mlflow_client(home: Path):
     return MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
 
 
-def runs_in_store(home: Path) -> int:
-    """How many MLflow runs the tracking store under ``home`` holds (0 when no store was created).
+def tracked_in_store(home: Path) -> dict[str, int]:
+    """What the MLflow store under ``home`` holds of deepzero's: its experiments (``deepzero/*``) and
+    all runs; zeros when no store was created.
 
     Read straight from the sqlite file, the store itself: a bad-input test uses it to show that the
-    mistake stopped the command before any run was opened, without the seconds an MLflow client
-    spends creating or opening the store.
+    mistake stopped the command before it created an experiment or opened a run, without the
+    seconds an MLflow client spends opening the store.
     """
     import sqlite3
 
     db = home / "mlflow" / "mlflow.db"
     if not db.is_file():
-        return 0
+        return {"experiments": 0, "runs": 0}
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        experiments = con.execute("SELECT COUNT(*) FROM experiments WHERE name LIKE 'deepzero/%'").fetchone()[0]
+        runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    return {"experiments": experiments, "runs": runs}

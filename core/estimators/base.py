@@ -134,7 +134,7 @@ class ZOEstimator:
 
         Args:
             loss_fn: ``loss_fn(output, y)`` with ``x`` and ``y``; or a general ``objective(model)``;
-                or a :func:`batched_objective`.
+                or a :func:`~core.estimators.objectives.batched_objective`.
             x: the input batch ``[B, ...]`` (supervised losses only).
             y: the targets (supervised losses only).
         Returns:

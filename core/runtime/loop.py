@@ -8,9 +8,9 @@ bit what an uninterrupted run reaches; metric points the interrupted process alr
 sent twice. :func:`resume_config` decides which config changes a resume may make, and
 :func:`run_sweep` runs a grid of cells as child runs of one parent run.
 
-Errors listed in :attr:`Experiment.stop_errors` (a query budget running out, a solver failing,
-training diverging, a lost or disagreeing rank) end the run cleanly: the last epoch's checkpoint
-is kept and the reason is reported in one line. Ctrl-C prints the exact resume command.
+Errors an app lists in :attr:`Experiment.stop_errors` (a query budget running out, a solver
+failing), training diverging and a lost or disagreeing rank end the run cleanly: the last epoch's
+checkpoint is kept and the reason is reported in one line. Ctrl-C prints the exact resume command.
 """
 from __future__ import annotations
 

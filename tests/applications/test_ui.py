@@ -26,7 +26,7 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = deepzero("ui", "--port", str(port), home=tmp_path, timeout=120)
+        proc = deepzero("ui", "--port", str(port), home=tmp_path, timeout=120, store=False)
     line = one_line_error(proc)
     assert str(port) in line and "in use" in line, line
     assert "is up" not in proc.stdout

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import deepzero, deepzero_in_process, mlflow_client as _client, one_line_error, runs_in_store
+from tests.helpers import deepzero, deepzero_in_process, mlflow_client as _client, one_line_error, tracked_in_store
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_verify_verb_reports_verified_pgd_and_clean(smoke_home):
 def test_bad_input_is_one_line_and_opens_no_run(tmp_path, args, expected):
     line = one_line_error(deepzero_in_process("defense", "train", "--preset", "smoke", *args, home=tmp_path))
     assert expected in line, line
-    assert runs_in_store(tmp_path) == 0
+    assert tracked_in_store(tmp_path) == {"experiments": 0, "runs": 0}
 
 
 def test_fo_ds_needs_a_white_box(smoke_home, tmp_path):

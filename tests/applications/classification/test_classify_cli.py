@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, runs_in_store, with_store
+from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, tracked_in_store, with_store
 
 
 def test_smoke_preset_end_to_end(tmp_path):
@@ -40,7 +40,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     proc = deepzero("runs", "--format", "json", home=tmp_path)
     records = json.loads(proc.stdout)
     assert {r["run_id"] for r in records} == {run.info.run_id, evals[0].info.run_id}
-    assert runs_in_store(tmp_path) == 2                  # what the bad-input tests rely on: it counts real runs
+    assert tracked_in_store(tmp_path) == {"experiments": 1, "runs": 2}     # the bad-input tests rely on it
     assert [r for r in records if r["run_id"] == run.info.run_id][0]["metrics"]["test_accuracy"] == acc[-1].value
     proc = deepzero("runs", "--format", "csv", "--app", "classify", home=tmp_path)
     header = proc.stdout.splitlines()[0].split(",")
@@ -66,7 +66,7 @@ def test_wrong_data_layout_is_one_line(tmp_path):
                                               str(tmp_path / "data"), home=tmp_path))
     assert "cifar-10-batches-py/" in line
     # the mistake surfaced before any MLflow run was opened: nothing half-made is left behind
-    assert runs_in_store(tmp_path) == 0
+    assert tracked_in_store(tmp_path) == {"experiments": 0, "runs": 0}
 
 
 def test_print_config(tmp_path):

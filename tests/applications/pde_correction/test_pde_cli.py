@@ -119,7 +119,7 @@ def test_evaluate_without_a_preset_takes_the_checkpoints_settings(smoke_home):
     (("evaluate", "/nonexistent.pt", "--preset", "smoke"), "nonexistent.pt"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
-    proc = deepzero("pde", *args, home=tmp_path)
+    proc = deepzero("pde", *args, home=tmp_path, store=False)
     assert needle in one_line_error(proc)
     assert not (tmp_path / "mlflow" / "mlflow.db").exists() or not _runs(tmp_path)
 

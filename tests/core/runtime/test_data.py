@@ -1,4 +1,6 @@
+import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -171,11 +173,18 @@ def test_shipped_sets_are_read_from_the_cache_bit_for_bit_as_parsed(tmp_path, mo
     monkeypatch.setattr(importlib.import_module(module), attr, no_parsing)
     _same(load_dataset(name), built)                              # read from the cache, not parsed
     cached.write_bytes(cached.read_bytes()[:1000])                # a damaged copy (e.g. a full disk)
+    old, recent = (tmp_path / "cache" / f".{cached.stem}-{k}.tmp" for k in ("old", "recent"))
+    old.write_bytes(b"left by a process killed while writing")
+    recent.write_bytes(b"another process writing now")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
     monkeypatch.undo()
     monkeypatch.setenv("DEEPZERO_CACHE", str(tmp_path / "cache"))
     _same(load_dataset(name), built)                              # rebuilt ...
     assert cached.stat().st_size > 1000                           # ... and written whole again
-    assert not list((tmp_path / "cache").glob(".*.tmp"))
+    assert not old.exists() and recent.exists()                   # only a stale temporary file is removed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask        # others may read it, as the umask allows
 
 
 def test_an_unwritable_cache_costs_only_time(tmp_path, monkeypatch):
