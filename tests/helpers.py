@@ -122,11 +122,12 @@ def tracked_in_store(home: Path) -> dict[str, int]:
     seconds an MLflow client spends opening the store.
     """
     import sqlite3
+    from contextlib import closing
 
     db = home / "mlflow" / "mlflow.db"
     if not db.is_file():
         return {"experiments": 0, "runs": 0}
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
         experiments = con.execute("SELECT COUNT(*) FROM experiments WHERE name LIKE 'deepzero/%'").fetchone()[0]
         runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
     return {"experiments": experiments, "runs": runs}
