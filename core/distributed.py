@@ -76,9 +76,14 @@ def _call_key(call: Any) -> tuple:
     return (call.kind, tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor) else (call.kind,)
 
 
+def _digest(obj: Any) -> int:
+    """A number that differs, almost surely, between ranks holding different ``obj`` (plain Python values)."""
+    return zlib.crc32(repr(obj).encode())
+
+
 def _batches_print(key: tuple, units: list[int] | None) -> int:
     """A number that differs between ranks reporting different batch sizes for the same input (0: none)."""
-    return 0 if units is None else zlib.crc32(repr((key, list(units))).encode()) + 1
+    return 0 if units is None else _digest((key, list(units))) + 1
 
 
 def fingerprint(active: list[torch.Tensor]) -> torch.Tensor:
@@ -266,7 +271,7 @@ class Shard:
                             torch.tensor(spent, dtype=torch.int64, device=device),
                             fingerprint(active).to(device),
                             torch.tensor(_batches_print(*batches), dtype=torch.int64, device=device),
-                            torch.tensor(zlib.crc32(repr(layout).encode()), dtype=torch.int64, device=device)])
+                            torch.tensor(_digest(layout), dtype=torch.int64, device=device)])
         self.last_bytes = (self.world - 1) * (8 * _META + int(payload.numel()))
         start = time.perf_counter()
         metas = torch.stack(self._all_gather(meta, "the step's checks")).cpu()     # [world, _META]

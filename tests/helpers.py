@@ -36,24 +36,25 @@ def with_store(home: Path) -> Path:
     return home
 
 
-def process_env(**extra: str) -> dict:
-    """The environment of a child process on one thread that imports this checkout (no tracking URI
-    of the caller's); a ``DEEPZERO_HOME`` given gets the session's empty store (:func:`with_store`)."""
-    if "DEEPZERO_HOME" in extra:
+def process_env(*, store: bool = True, **extra: str) -> dict:
+    """The environment of a child process on one thread that imports this checkout, with ``extra``
+    set; the caller's tracking URI is dropped unless ``extra`` gives one. A ``DEEPZERO_HOME`` given
+    gets the session's empty store first (:func:`with_store`) unless ``store`` is False."""
+    if store and "DEEPZERO_HOME" in extra:
         with_store(Path(extra["DEEPZERO_HOME"]))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    if "MLFLOW_TRACKING_URI" not in extra:
+        env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
 def deepzero(*args: str, home: Path, timeout: float = 300, env: dict | None = None,
              store: bool = True) -> subprocess.CompletedProcess:
-    """``deepzero ARGS`` in a subprocess with ``$DEEPZERO_HOME=home``; ``store``: give a new home the
-    session's empty MLflow store first (:func:`with_store`), False to see whether the command made one."""
-    full_env = {**os.environ, "DEEPZERO_HOME": str(with_store(home) if store else home), "PYTHONPATH": str(ROOT),
-                **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
-    return subprocess.run([sys.executable, "-m", "applications", *args], cwd=ROOT, env=full_env,
+    """``deepzero ARGS`` in a subprocess with ``$DEEPZERO_HOME=home`` and ``env``; ``store``: give a new
+    home the session's empty MLflow store first (:func:`with_store`), False to see whether the
+    command made one."""
+    return subprocess.run([sys.executable, "-m", "applications", *args], cwd=ROOT,
+                          env=process_env(store=store, DEEPZERO_HOME=str(home), **(env or {})),
                           capture_output=True, text=True, timeout=timeout)
 
 

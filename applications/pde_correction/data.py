@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from applications.pde_correction.config import PDEConfig, data_key
 from applications.pde_correction.families import Family, make_family
+from core.runtime.files import atomic_write
 from solvers.protocol import SolverError
 
 FORMAT = "deepzero-pde/1"
@@ -92,9 +92,8 @@ def family_for(cfg: PDEConfig, fine_shape: tuple[int, ...]) -> Family:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _versions() -> dict[str, str]:
@@ -162,9 +161,8 @@ def generate(cfg: PDEConfig, *, progress: bool = True) -> PDEData:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
 
 
 def _simulate(ref, fam: Family, fine_cond: dict[str, np.ndarray], start: np.ndarray, d, partial: Path, *,

@@ -1,39 +1,28 @@
 """Atomic checkpoints loaded with ``weights_only=True``.
 
 A checkpoint is a dict with a ``format`` marker; it is written to a temporary file in the same
-directory, flushed, fsync'ed and renamed over the target, so a crash never leaves a half-written
+directory, flushed, fsync'ed and renamed over the target (:func:`core.runtime.files.atomic_write`), so a crash never leaves a half-written
 file. Loading validates the marker: a corrupt or foreign file is a :class:`UserError` and is
 never overwritten (the caller refuses to resume from it).
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from core.runtime.errors import UserError
+from core.runtime.files import atomic_write
 
 FORMAT = "deepzero-checkpoint-v1"
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, mode=0o600) as f:             # a checkpoint stays its owner's, as before
+        torch.save({"format": FORMAT, **state}, f)
     return path
 
 

@@ -25,7 +25,6 @@ Mistakes in the arguments raise ``ValueError`` (unknown name, no data root, unre
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -126,29 +125,19 @@ def _shipped_split(name: str, packages: tuple[str, ...], features: int, build: C
 
 
 def _write_atomically(path: Path, arrays: dict) -> None:
-    """Save ``arrays`` as ``path`` (.npz) so a reader sees the old file or the whole new one; readable by
-    whoever the umask allows (a shared cache folder). Failing to write costs only the time."""
+    """Save ``arrays`` as ``path`` (.npz) atomically; failing to write costs only the time."""
     import numpy as np
 
-    tmp = None
+    from core.runtime.files import atomic_write
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        tmp = None
-        for stale in path.parent.glob(f".{path.stem}-*.tmp"):   # left by a process killed while writing
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):   # left by a process killed while writing
             if time.time() - stale.stat().st_mtime > 600:
                 stale.unlink(missing_ok=True)
     except OSError:
         pass
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _stratified(x, y, test_size: int | float, seed: int = 0):

@@ -3,7 +3,6 @@
 The MLflow server is real and bound to 127.0.0.1; nothing here talks to anything else.
 """
 import json
-import os
 import queue
 import signal
 import socket
@@ -15,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import ROOT, deepzero, one_line_error
+from tests.helpers import ROOT, deepzero, one_line_error, process_env
 
 CLASSIFY_COLUMNS = ["metrics.`test_accuracy`", "metrics.`train_loss`", "metrics.`queries`",
                     "metrics.`wall_time_s`"]
@@ -118,10 +117,9 @@ def test_ui_serves_the_store_then_a_signal_stops_it_and_its_server(store, stop):
         tr.log_metrics({"test_accuracy": 0.5, "queries": 10.0}, step=1)
 
     port = _free_port()
-    env = {**os.environ, "DEEPZERO_HOME": str(store), "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "applications", "ui", "--port", str(port)], cwd=ROOT, env=env,
+        [sys.executable, "-m", "applications", "ui", "--port", str(port)], cwd=ROOT,
+        env=process_env(DEEPZERO_HOME=str(store)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # Ctrl-C as in a terminal, even when this test runs where SIGINT is ignored (a background job)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

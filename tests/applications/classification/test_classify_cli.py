@@ -1,4 +1,3 @@
-import os
 import signal
 import subprocess
 import sys
@@ -7,7 +6,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, tracked_in_store, with_store
+from tests.helpers import ROOT, deepzero, deepzero_in_process, one_line_error, process_env, tracked_in_store
 
 
 def test_smoke_preset_end_to_end(tmp_path):
@@ -106,9 +105,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (straight,) = (straight_home / "runs" / "classify").glob("*/checkpoint.pt")
 
-    env = {**os.environ, "DEEPZERO_HOME": str(with_store(killed_home)), "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    child = subprocess.Popen([sys.executable, "-m", "applications", *RESUME_ARGS], cwd=ROOT, env=env,
+    child = subprocess.Popen([sys.executable, "-m", "applications", *RESUME_ARGS], cwd=ROOT,
+                             env=process_env(DEEPZERO_HOME=str(killed_home)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     ckpts = []

@@ -173,7 +173,7 @@ def test_shipped_sets_are_read_from_the_cache_bit_for_bit_as_parsed(tmp_path, mo
     monkeypatch.setattr(importlib.import_module(module), attr, no_parsing)
     _same(load_dataset(name), built)                              # read from the cache, not parsed
     cached.write_bytes(cached.read_bytes()[:1000])                # a damaged copy (e.g. a full disk)
-    old, recent = (tmp_path / "cache" / f".{cached.stem}-{k}.tmp" for k in ("old", "recent"))
+    old, recent = (tmp_path / "cache" / f".{cached.name}.{k}.tmp" for k in ("old", "recent"))
     old.write_bytes(b"left by a process killed while writing")
     recent.write_bytes(b"another process writing now")
     os.utime(old, (time.time() - 3600, time.time() - 3600))

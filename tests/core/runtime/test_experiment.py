@@ -1,5 +1,4 @@
 """The shared experiment loop, through a minimal app (tests/core/runtime/toy_app.py) run as users run apps."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,14 +9,13 @@ import torch
 
 from core.runtime.checkpoint import load_checkpoint
 from core.runtime.errors import UserError
-from tests.helpers import ROOT, in_process, one_line_error, with_store
+from tests.helpers import ROOT, in_process, one_line_error, process_env
 
 
 def toy(*args, home, timeout=120):
-    env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "tests.core.runtime.toy_app", "train", "--no-progress", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                          cwd=ROOT, env=process_env(DEEPZERO_HOME=str(home)), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def toy_in_process(*args, home):
@@ -28,10 +26,9 @@ def toy_in_process(*args, home):
 
 
 def toy_popen(*args, home):
-    env = {**os.environ, "DEEPZERO_HOME": str(with_store(home)), "PYTHONPATH": str(ROOT)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "-m", "tests.core.runtime.toy_app", "train", "--no-progress", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=process_env(DEEPZERO_HOME=str(home)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _client(home):
