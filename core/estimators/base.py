@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from core.estimators.objectives import LossFn, ObjectiveCall, bind_objective
+from core.estimators.precision import ieee_float32
 
 
 # -- buffers and exception safety ------------------------------------------------------------------
@@ -97,7 +98,8 @@ class ZOEstimator:
     """Base class: owned parameters, the sparsity plan, objectives, query counting and safety.
 
     ``backward`` is a template: it validates the arguments (:func:`bind_objective`) and runs the
-    subclass's ``_backward(call, snapshot)`` inside :func:`restore_on_error`.
+    subclass's ``_backward(call, snapshot)`` inside :func:`restore_on_error`, with float32 math in
+    full precision (:func:`core.estimators.precision.ieee_float32`: no TF32).
 
     Args:
         model: the model whose parameters are estimated.
@@ -144,7 +146,7 @@ class ZOEstimator:
             the middle of the step propagates after parameters and buffers are restored.
         """
         call = bind_objective(loss_fn, x, y)
-        with restore_on_error(self.model, self.params()) as snapshot:
+        with restore_on_error(self.model, self.params()) as snapshot, ieee_float32():
             return self._backward(call, snapshot)
 
     def _backward(self, call: ObjectiveCall, snapshot: Snapshot) -> torch.Tensor:

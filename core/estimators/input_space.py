@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from core.estimators.precision import ieee_float32
+
 METHODS = ("cge", "rge")
 
 
@@ -40,7 +42,7 @@ def input_space_backward(per_sample_loss: Callable[[torch.Tensor], torch.Tensor]
 
     def losses(batch: torch.Tensor) -> torch.Tensor:                          # [K, B, d] -> [K, B]
         K = batch.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), ieee_float32():                                  # no TF32 in the differences
             out = per_sample_loss(batch.reshape(K * B, *shape))
         return out.reshape(K, B).to(torch.float64)
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from core.estimators.base import Snapshot, ZOEstimator, frozen_buffers, has_running_stats, restore_on_error
 from core.estimators.objectives import LossFn, ObjectiveCall, bind_objective
+from core.estimators.precision import ieee_float32
 from core.models.lean import lean_forward
 
 _MASK64 = (1 << 64) - 1
@@ -118,7 +119,7 @@ class MeZO(ZOEstimator):
         Arguments as in :meth:`ZOEstimator.backward`. Returns the loss (see the module docstring).
         """
         call = bind_objective(loss_fn, x, y)
-        with restore_on_error(self.model, self.params()) as snapshot:
+        with restore_on_error(self.model, self.params()) as snapshot, ieee_float32():
             return self._estimate(call, snapshot)
 
     def _estimate(self, call: ObjectiveCall, snapshot: Snapshot) -> torch.Tensor:

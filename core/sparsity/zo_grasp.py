@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.estimators.base import frozen_buffers, restore_on_error
+from core.estimators.precision import ieee_float32
 from core.sparsity.masks import _global_ratios, prunable
 
 
@@ -60,7 +61,7 @@ def zo_grasp_scores(model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: tor
         return [[torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
                 for _ in range(q)]
 
-    with restore_on_error(model, params), frozen_buffers(model):
+    with restore_on_error(model, params), frozen_buffers(model), ieee_float32():
         dirs = draw()
         g0 = _rge(model, loss, params, dirs, mu)
         originals = [p.detach().clone() for p in params]
