@@ -78,7 +78,7 @@ class BlackBox(nn.Module):
         with torch.no_grad():
             for chunk in [xd[s:s + size] for s in range(0, n, size)] or [xd]:   # chunks of <= max_batch
                 out = self.fn(chunk)
-                outs.append(out if isinstance(out, torch.Tensor) else torch.as_tensor(out))
+                outs.append(torch.as_tensor(out, device=xd.device))     # NumPy, or another device: beside x
                 self.queries += int(chunk.shape[0])
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if torch.is_grad_enabled() and x.requires_grad:

@@ -39,9 +39,16 @@ def torchrun_world_size() -> int:
 def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0) -> bool:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR/PORT``).
 
-    Backend: NCCL for a CUDA ``device`` (each rank takes GPU ``LOCAL_RANK``), gloo otherwise.
+    Backend: NCCL for a CUDA ``device`` (each rank takes one GPU: :func:`rank_gpu`), gloo otherwise.
     ``timeout`` (seconds) bounds every collective: a rank that waits longer for the others raises
     :class:`RankLost`. Returns False (and does nothing) outside torchrun or for a world of 1.
+
+    NCCL runs with blocking waits (``TORCH_NCCL_BLOCKING_WAIT=1`` unless set otherwise): a collective
+    then returns only when it is complete, and one past the timeout raises in the waiting rank's
+    own thread, where it becomes :class:`RankLost` and a clean stop. By default NCCL only queues the
+    collective, and its watchdog thread ends a timed-out process with SIGABRT (no stop line, no
+    blame). The ranks read every collective's result on the host at once anyway, so the
+    blocking wait costs nothing here.
     """
     if torchrun_world_size() <= 1:
         return False
@@ -53,13 +60,32 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     backend = "gloo"
     if device.type == "cuda":
         backend = "nccl"
-        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if local >= count:
-            raise ValueError(f"with a CUDA device each process takes one GPU, and this machine has {count}: "
-                             f"local rank {local} has none (start at most {count} processes per machine)")
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(rank_gpu(device))
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
+
+
+def rank_gpu(device: torch.device) -> int:
+    """The GPU this rank takes for CUDA ``device``: GPU ``LOCAL_RANK``, one per process on a machine.
+
+    ``cuda:N`` names one GPU, which only a machine running one process may honour (every rank on
+    a machine taking GPU N would make NCCL fail on its first collective).
+
+    Raises:
+        ValueError: ``cuda:N`` with several processes on this machine, or no GPU left for this rank.
+    """
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if device.index is not None and per_machine > 1:
+        raise ValueError(f"device {device} names one GPU, but each of the {per_machine} processes on this machine "
+                         "takes its own (process i: GPU i); give the device as 'cuda'")
+    gpu = local if device.index is None else device.index
+    if gpu >= count:
+        raise ValueError(f"with a CUDA device each process takes one GPU, and this machine has {count}: "
+                         f"local rank {local} has none (start at most {count} processes per machine)"
+                         if device.index is None else f"device {device}: this machine has {count} GPUs")
+    return gpu
 
 
 def shutdown() -> None:
@@ -141,7 +167,7 @@ def lost(what: str, exc: BaseException, counted: bool = True) -> RankLost:
     global rank_lost
     rank_lost = True
     reason = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))[:200]   # drop gloo's source path
-    seen = counts() if counted and re.search(r"timed?[ -]?out", reason, re.I) else None
+    seen = counts() if counted and re.search(r"tim(e|ed|ing)[ -]?out", reason, re.I) else None
     if seen is not None:
         me = dist.get_rank()
         behind = [r for r, n in enumerate(seen) if n < _arrived]

@@ -168,6 +168,8 @@ class Shard:
             loss0, grads = zo._estimate(call, shares[self.rank])
         spent = zo.queries - before
         self.last_shares = shares
+        if grads and grads[0].device.type == "cuda":
+            torch.cuda.synchronize(grads[0].device)     # the share's kernels done: compute time, not wait
         self.last_compute_s = time.perf_counter() - start
         units = zo.cut_units(call) if self.exact else None       # planned now for this input
         full, total = self._gather(zo, shares, grads, loss0, spent, active, (key, units))

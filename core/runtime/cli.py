@@ -166,6 +166,7 @@ def train_command(args: argparse.Namespace, *, schema: type, preset_dir, experim
         _check_run_exists(state.get("mlflow_run_id"))
     if launch.wants_launch(args):
         launch.refuse_unsharded(cfg, args.nproc)
+        launch.refuse_one_gpu(cfg, args.nproc)
         from types import SimpleNamespace
 
         app = SimpleNamespace(cfg=cfg, app=experiment.app)

@@ -56,6 +56,7 @@ class Experiment:
         self.cfg, self.resume = cfg, resume
         self.model = self.optimizer = self.scheduler = self.estimator = self.plan = None
         self.ratios: dict[str, float] | None = None
+        self.device: Any = None                    # the run's device (a GPU's generator is checkpointed)
         self.model_spec: dict[str, Any] | None = None
         self.epoch, self.step, self.fo_queries, self.wall = 0, 0, 0, 0.0
         self.history: list[dict[str, float]] = []
@@ -169,7 +170,7 @@ class Experiment:
         return {"app": self.app, "config": dataclasses.asdict(self.cfg), "epoch": self.epoch, "step": self.step,
                 "model": sd(self.model), "model_spec": self.model_spec, "optimizer": sd(self.optimizer),
                 "scheduler": sd(self.scheduler), "estimator": sd(self.estimator), "plan": sd(self.plan),
-                "ratios": self.ratios, "rng": get_rng_state(), "history": self.history, "wall_time_s": self.wall,
+                "ratios": self.ratios, "rng": get_rng_state(self.device), "history": self.history, "wall_time_s": self.wall,
                 "fo_queries": self.fo_queries, "mlflow_run_id": run_id,
                 "blackboxes": {n: {**b.query_state(), "lost": self._lost.get(n, 0)}
                                for n, b in self.blackboxes().items()},
@@ -202,4 +203,4 @@ class Experiment:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history, self.wall = list(state["history"]), float(state["wall_time_s"])
         self.fo_queries = int(state.get("fo_queries", 0))
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.device)

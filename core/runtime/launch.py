@@ -88,6 +88,15 @@ def wants_launch(args: argparse.Namespace) -> bool:
     return getattr(args, "nproc", 1) > 1 and torchrun_world_size() == 1 and "RANK" not in os.environ
 
 
+def refuse_one_gpu(cfg: Any, ranks: int) -> None:
+    """``run.device=cuda:N`` names one GPU, which the ranks on this machine cannot share (each takes
+    its own: :func:`core.collectives.rank_gpu`); refused before torchrun starts."""
+    device = str(getattr(getattr(cfg, "run", None), "device", "")).strip()
+    if re.fullmatch(r"cuda:\d+", device):
+        raise UserError(f"run.device={device} names one GPU, but each of the {ranks} processes takes its own "
+                        f"(process i: GPU i): use --device cuda")
+
+
 def refuse_unsharded(cfg: Any, ranks: int) -> None:
     method = getattr(getattr(cfg, "optim", None), "method", None)
     if method in UNSHARDED:

@@ -14,8 +14,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_rng_state() -> dict[str, Any]:
-    """RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors and plain Python values)."""
+def get_rng_state(device: Any = None) -> dict[str, Any]:
+    """RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors and plain Python values).
+
+    ``device``: the run's device; a CUDA device adds that GPU's generator (only that one: a resume
+    may see another number of GPUs, and restores it into the GPU it runs on).
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -23,17 +27,23 @@ def get_rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: Any = None) -> None:
+    """Restore :func:`get_rng_state`'s states; a saved GPU generator goes to ``device``'s GPU."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    device = torch.device(device) if device is not None else None
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):        # older checkpoints: one state per GPU then visible, the first in use
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import CGE, BlackBox, BudgetExceeded, Hybrid, NotDifferentiable, input_space_backward
+from tests.core.devices import DEVICES
 
 
 def test_blackbox_backward_raises_and_counts_queries():
@@ -109,3 +110,17 @@ def test_blackbox_query_state_round_trip_keeps_a_spent_budget():
     assert raised.queries == 7 and raised.remaining == 993
     with pytest.raises(ValueError, match="queries"):
         fresh.load_query_state({"queries": -1, "budget": None})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_black_box_answering_in_numpy_or_on_another_device_answers_beside_its_input(device):
+    """A query-only model (a NumPy program, a server, a CPU model) inside a model on ``device``: its
+    answers come back on ``device``, where the next layer runs, with their own dtype."""
+    W = torch.randn(3, 4, dtype=torch.float64)
+    numpy_box = BlackBox(lambda h: (h.cpu().double() @ W.T).numpy(), max_batch=2)
+    cpu_box = BlackBox(lambda h: h.cpu() @ W.T.float())
+    x = torch.randn(5, 4, device=device)
+    for box, dtype in ((numpy_box, torch.float64), (cpu_box, torch.float32)):
+        out = box(x)
+        assert out.device == x.device and out.dtype == dtype and out.shape == (5, 3)
+        assert torch.allclose(out.cpu().double(), x.cpu().double() @ W.T, atol=1e-5)

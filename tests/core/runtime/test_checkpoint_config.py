@@ -8,6 +8,7 @@ from core.runtime.checkpoint import load_checkpoint, save_checkpoint
 from core.runtime.config import build_config, flatten
 from core.runtime.errors import UserError
 from core.runtime.seeding import get_rng_state, seed_everything, set_rng_state
+from tests.core.devices import DEVICES
 
 
 def test_checkpoint_round_trip_with_rng_states(tmp_path):
@@ -20,6 +21,23 @@ def test_checkpoint_round_trip_with_rng_states(tmp_path):
     got = (torch.rand(2), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
     assert loaded["step"] == 7 and [p.name for p in tmp_path.iterdir()] == ["c.pt"]   # no temp files left
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_run_devices_generator_is_saved_and_restored_into_the_resumes_device(tmp_path, device):
+    """Only the run's GPU generator is saved (a resume may see fewer GPUs), in the checkpoint's
+    weights-only format, and restored into the GPU the resume runs on; a checkpoint with one state
+    per GPU (the earlier format) restores its first."""
+    seed_everything(5)
+    state = get_rng_state(device)
+    assert ("cuda" in state) == (device == "cuda")
+    expected = torch.rand(3, device=device)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", {"app": "x", "rng": state}), app="x")["rng"]
+    set_rng_state(loaded, device)
+    assert torch.equal(torch.rand(3, device=device), expected)
+    if device == "cuda":
+        set_rng_state({**loaded, "cuda": [loaded["cuda"]] * (torch.cuda.device_count() + 3)}, device)
+        assert torch.equal(torch.rand(3, device=device), expected)
 
 
 def test_corrupt_and_foreign_checkpoints_are_clear_errors_and_untouched(tmp_path):

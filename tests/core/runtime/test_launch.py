@@ -25,6 +25,8 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
     (["--nproc", "two"], "argument --nproc: invalid int value: 'two'"),
     (["--nproc", "2", "--dist-timeout", "0"], "--dist-timeout must be a number of seconds > 0"),
     (["--nproc", "2", "--set", "optim.method=zo-rge"], "optim.method=zo-rge would repeat the same work"),
+    (["--nproc", "2", "--device", "cuda:1", "CUDA"], "run.device=cuda:1 names one GPU, but each of the 2 processes "
+                                                     "takes its own (process i: GPU i): use --device cuda"),
     (["--nproc", "2", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=2.5"],          # the ranks' grace, from the environment
      "TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number of seconds >= 0; got '2.5'"),
 ])
@@ -34,7 +36,9 @@ def test_bad_nproc_is_one_line(tmp_path, monkeypatch, capsys, args, expected):
     monkeypatch.setenv("DEEPZERO_HOME", str(tmp_path))
     for name, _, value in (a.partition("=") for a in args if a.startswith("TORCH_")):
         monkeypatch.setenv(name, value)
-    args = [a for a in args if not a.startswith("TORCH_")]
+    if "CUDA" in args:                                    # as on a machine with GPUs
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = [a for a in args if not a.startswith("TORCH_") and a != "CUDA"]
     try:
         code = main(["train", "--preset", "smoke", *args])
     except SystemExit as exc:                             # argparse's own errors
@@ -266,6 +270,54 @@ def test_more_cuda_ranks_than_gpus_is_one_line(monkeypatch):
     args = type("Args", (), {"nproc": 1, "dist_timeout": 5.0})()
     with pytest.raises(UserError, match="this machine has 2: local rank 8 has none .start at most 2 processes"):
         start_session(args, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("env,device,expected", [
+    ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, "cuda", 1),         # process i: GPU i
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:1", 1),       # one process per machine: the GPU named
+    ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, "cuda:1", "names one GPU, but each of the 2 processes on this "
+                                                             "machine takes its own"),
+    ({"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, "cuda:2", "device cuda:2: this machine has 2 GPUs"),
+])
+def test_each_rank_takes_its_own_gpu(monkeypatch, env, device, expected):
+    from core.collectives import rank_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if isinstance(expected, int):
+        assert rank_gpu(torch.device(device)) == expected
+    else:
+        with pytest.raises(ValueError, match=expected):
+            rank_gpu(torch.device(device))
+
+
+def test_nccl_ranks_wait_blocking_so_a_timeout_is_a_python_error(monkeypatch):
+    """NCCL's default only queues a collective and lets its watchdog SIGABRT a timed-out process; the
+    ranks join with blocking waits (unless the user chose), so a timeout raises where RankLost is made."""
+    import torch.distributed as dist
+
+    from core import collectives as C
+
+    joined = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: joined.append(("gpu", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: joined.append(
+        (backend, os.environ.get("TORCH_NCCL_BLOCKING_WAIT"), timeout.total_seconds())))
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    assert C.init_from_env(device="cuda", timeout=30)
+    assert joined == [("gpu", 1), ("nccl", "1", 30.0)]
+    joined.clear()
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "0")                  # the user's choice stands
+    C.init_from_env(device="cuda", timeout=30)
+    assert joined == [("gpu", 1), ("nccl", "0", 30.0)]
+    joined.clear()
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
+    C.init_from_env(device="cpu", timeout=30)                            # gloo: nothing to change
+    assert joined == [("gloo", None, 30.0)]
 
 
 def test_ranks_get_the_command_without_nproc_and_without_abbreviations():
