@@ -5,7 +5,7 @@ and offered for querying.
   :func:`save_target` writes it as a defense target checkpoint, which
   :func:`~applications.certified_defense.targets.load_target` reads;
 - :func:`serve_target` serves a :class:`~applications.certified_defense.targets.Target`, a module or
-  a function over loopback HTTP (the routes of :mod:`solvers.query`), which ``load_target(url, ...)``
+  a function over loopback HTTP (the routes of :mod:`solvers.http_query`), which ``load_target(url, ...)``
   queries.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from applications.certified_defense.targets import (TARGET_KIND, Target, TargetE
                                                     classifier_spec)
 from core import BudgetExceeded
 from solvers.protocol import SolverError
-from solvers.query import serve_query_in_thread
+from solvers.http_query import serve_query_in_thread
 
 
 # -- training and saving a target ------------------------------------------------------------------
@@ -123,7 +123,7 @@ class TargetServer:
 def serve_target(target_or_module: Target | nn.Module | Callable[..., Any], host: str = "127.0.0.1",
                  port: int = 0, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                  labels_only: bool = False, allow_remote: bool = False, npy: bool = True) -> TargetServer:
-    """Serve a classifier over HTTP (:mod:`solvers.query` routes) from a background thread.
+    """Serve a classifier over HTTP (:mod:`solvers.http_query` routes) from a background thread.
 
     Args:
         target_or_module: a :class:`Target` (its black box answers, so its budget and query count

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from core import BlackBox, BudgetExceeded
+from solvers.http_query import HTTPQuery
 from solvers.protocol import SolverError
-from solvers.query import HTTPQuery, QuerySpec, SubprocessQuery
+from solvers.query import QuerySpec, SubprocessQuery
 
 TARGET_KIND = "target"          # the ``kind`` of a defense target checkpoint (app "defense")
 _DATA_SHAPES = {"mnist": (1, 28, 28), "digits": (1, 8, 8), "cifar10": (3, 32, 32)}
