@@ -204,12 +204,13 @@ def _layer_names(model) -> list[str]:
 def layer_breakdown(model, x, y, mu, active, rate, repeats, device) -> list[dict]:
     """Our step split by source layer: time of its coordinates alone (minus the empty step) vs its floor."""
     from core.engine import FastCGE
+    from core.estimators.precision import ieee_float32
 
     params = list(model.named_parameters())
     engine = FastCGE(model, params)
 
-    def step(act):
-        with torch.no_grad():
+    def step(act):                                    # as CGE.backward runs it: no TF32 on a GPU
+        with torch.no_grad(), ieee_float32():
             return engine.estimate(F.cross_entropy, x, y, mu, False, act, lambda: None)
 
     base, _, _ = timed(lambda: step([a[:0] for a in active]), repeats, device=device)

@@ -43,7 +43,7 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     ``timeout`` (seconds) bounds every collective: a rank that waits longer for the others raises
     :class:`RankLost`. Returns False (and does nothing) outside torchrun or for a world of 1.
 
-    NCCL runs with blocking waits (``TORCH_NCCL_BLOCKING_WAIT=1`` unless set otherwise): a collective
+    NCCL runs with blocking waits (``TORCH_NCCL_BLOCKING_WAIT=1`` unless it or ``NCCL_BLOCKING_WAIT`` is set): a collective
     then returns only when it is complete, and one past the timeout raises in the waiting rank's
     own thread, where it becomes :class:`RankLost` and a clean stop. By default NCCL only queues the
     collective, and its watchdog thread ends a timed-out process with SIGABRT (no stop line, no
@@ -61,7 +61,8 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     if device.type == "cuda":
         backend = "nccl"
         torch.cuda.set_device(rank_gpu(device))
-        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        if not {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"} & set(os.environ):   # the user's choice stands
+            os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
 

@@ -78,10 +78,13 @@ def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedP
     import contextlib
     import io
 
+    import torch
+
     from core.runtime.seeding import get_rng_state, set_rng_state
 
     out, err = io.StringIO(), io.StringIO()
-    rng = get_rng_state()
+    gpu = "cuda" if torch.cuda.is_available() else None
+    rng = get_rng_state(gpu)
     saved = {k: os.environ.get(k) for k in ("DEEPZERO_HOME", "MLFLOW_TRACKING_URI")}
     os.environ["DEEPZERO_HOME"] = str(with_store(home))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -94,7 +97,7 @@ def in_process(main, *args: str, home: Path, prog: str) -> subprocess.CompletedP
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        set_rng_state(rng)
+        set_rng_state(rng, gpu)
     return subprocess.CompletedProcess([prog, *args], int(code or 0), out.getvalue(), err.getvalue())
 
 

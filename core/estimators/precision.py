@@ -13,11 +13,13 @@ mind TF32 (its errors do not get divided by μ), so the setting stays the user's
 RNN, oneDNN matmul, conv and RNN) to ``"ieee"`` and restores the user's values on the way out, also
 on an exception. Every estimator's ``backward``, ZO-GraSP and the input-space estimator run inside
 it. The flags are process-wide: another thread's float32 work during an estimate runs in full
-precision too.
+precision too. One difference remains after an estimate: a cuDNN flag the user never set reads
+``"tf32"`` as PyTorch's default does, but is now set, so a later ``torch.backends.fp32_precision``
+no longer reaches it (PyTorch offers no way to unset a flag).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,14 +39,44 @@ def _backends() -> list[Any]:
     return found
 
 
+def _read(get: Callable[[], Any]) -> Any:
+    """A setting through PyTorch's older API (None: it raises, the user mixed the old and new APIs)."""
+    try:
+        return get()
+    except RuntimeError:
+        return None
+
+
+def snapshot() -> tuple:
+    """Every float32 precision setting, through both of PyTorch's APIs, for :func:`restore`."""
+    return (_read(torch.get_float32_matmul_precision), _read(lambda: bool(torch.backends.cudnn.allow_tf32)),
+            [(flag, flag.fp32_precision) for flag in _backends()])
+
+
+def restore(saved: tuple) -> None:
+    """Put back what :func:`snapshot` read: the older API's values first (setting them rewrites the
+    newer flags), then each flag's own value."""
+    matmul, cudnn, flags = saved
+    if matmul is not None:
+        torch.set_float32_matmul_precision(matmul)
+    if cudnn is not None:
+        torch.backends.cudnn.allow_tf32 = cudnn
+    for flag, value in flags:
+        flag.fp32_precision = value
+
+
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """Full-precision float32 on every backend inside the block; the previous settings after it."""
-    saved = [(flag, flag.fp32_precision) for flag in _backends()]
+    """Full-precision float32 on every backend inside the block; the previous settings after it.
+
+    The older API is switched too (``set_float32_matmul_precision("highest")``,
+    ``cudnn.allow_tf32 = False``) where it was readable: PyTorch refuses to read it (``cudnn.flags``,
+    ``cudnn.allow_tf32``) while the two APIs disagree, and a model's own forward may read it.
+    """
+    saved = snapshot()
     try:
-        for flag, _ in saved:
-            flag.fp32_precision = "ieee"
+        restore(("highest" if saved[0] is not None else None, False if saved[1] is not None else None,
+                 [(flag, "ieee") for flag, _ in saved[2]]))
         yield
     finally:
-        for flag, value in saved:
-            flag.fp32_precision = value
+        restore(saved)

@@ -43,7 +43,7 @@ def set_rng_state(state: dict[str, Any], device: Any = None) -> None:
     torch.set_rng_state(state["torch"])
     device = torch.device(device) if device is not None else None
     cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):        # older checkpoints: one state per GPU then visible, the first in use
+    if isinstance(cuda, (list, tuple)):        # older checkpoints: one state per GPU then visible; GPU 0's
         cuda = cuda[0] if cuda else None
     if cuda is not None and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)

@@ -181,8 +181,8 @@ def test_a_timed_out_collective_names_the_ranks_that_never_reached_it(monkeypatc
         assert msg.startswith("lost contact with another rank during the gradient all-gather (Connection closed "
                               "by peer"), msg
         assert msg.endswith("a rank died, or hangs longer than the timeout")
-        nccl = RuntimeError("[PG ID 0 PG GUID 0(default_pg) Rank 0] Watchdog caught collective operation timeout: "
-                            "WorkNCCL(SeqNum=3, OpType=ALLGATHER) ran for 5000 milliseconds before timing out.")
+        nccl = RuntimeError("[PG ID 0 PG GUID 0(default_pg) Rank 0] WorkNCCL(SeqNum=3, OpType=ALLGATHER) ran for "
+                            "5000 milliseconds before timing out.")
         msg = str(D.lost("the gradient all-gather", nccl))       # NCCL's words for a timeout
         assert msg.startswith("lost contact with ranks 1, 2, which never reached the gradient all-gather"), msg
         uncounted = str(D.lost("the gradient all-gather", timeout, counted=False))

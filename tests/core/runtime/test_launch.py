@@ -316,6 +316,10 @@ def test_nccl_ranks_wait_blocking_so_a_timeout_is_a_python_error(monkeypatch):
     assert joined == [("gpu", 1), ("nccl", "0", 30.0)]
     joined.clear()
     monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT")
+    monkeypatch.setenv("NCCL_BLOCKING_WAIT", "0")                        # under its older name too
+    C.init_from_env(device="cuda", timeout=30)
+    assert joined == [("gpu", 1), ("nccl", None, 30.0)]
+    joined.clear()
     C.init_from_env(device="cpu", timeout=30)                            # gloo: nothing to change
     assert joined == [("gloo", None, 30.0)]
 
