@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from applications.certified_defense.config import DefenseConfig, radii
+from core.runtime.cli import resolve_device
 from core.runtime.errors import UserError, user_errors
 
 METHOD_LABELS = {"none": "no denoiser", "fo-ds": "FO-DS (white-box)", "zo-ae-ds": "ZO-AE-DS", "zo-ds": "ZO-DS"}
@@ -53,11 +54,13 @@ def train_and_save_target(cfg: DefenseConfig, *, out: str | None = None, data=No
     if path.is_dir():
         path = path / f"target-{t.arch}{t.depth}-{cfg.data.name}-seed{cfg.run.seed}.pt"
     seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
     with user_errors():
         model, spec = train_target(data, arch=t.arch, depth=t.depth, width=t.width, epochs=t.epochs, lr=t.lr,
-                                   batch_size=32, seed=cfg.run.seed)
+                                   batch_size=32, seed=cfg.run.seed, device=device)
     with torch.no_grad():
-        acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())
+        acc = float((model(data.test.x.to(device)).argmax(1).cpu() == data.test.y).float().mean())
+    model.cpu()
     with Tracker("defense", experiment=cfg.run.experiment, run_name=f"target-{t.arch}{t.depth}") as tr:
         tr.log_params({k: v for k, v in flatten(cfg).items() if k.startswith(("target.", "data.", "run."))})
         tr.set_tags({"deepzero.verb": "target", "seed": cfg.run.seed})
@@ -89,10 +92,12 @@ def certify_front(cfg: DefenseConfig, target, front: nn.Module | None, test, out
     from applications.certified_defense.smoothing import Smooth
 
     c = cfg.certify
+    device = resolve_device(cfg.run.device)
+    front = front.to(device) if front is not None else None
     classify, box = smoothed_classifier(cfg, target, front)
     smooth = Smooth(classify, target.num_classes, c.sigma, labels_only=target.labels_only)
     with user_errors():
-        rows = certify_split(smooth, test.x, test.y, out, n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch,
+        rows = certify_split(smooth, test.x.to(device), test.y, out, n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch,
                              skip=c.skip, max_examples=c.max or None, seed=cfg.run.seed, progress=progress)
     metrics = summary(rows, radii(c.radii))
     metrics["certify_queries"] = float(box.queries)
@@ -179,7 +184,9 @@ def verify_command(cfg: DefenseConfig, *, denoiser: str | None, eps: str, norms:
                             "are beyond auto-LiRPA 0.3; verify supports DnCNN denoisers (fo-ds, zo-ds)")
         with user_errors("denoiser checkpoint: "):
             models["denoised"] = nn.Sequential(front_from_checkpoint(state), target.white_box).eval()
-    x, y = data.test.x[:samples], data.test.y[:samples]
+    device = resolve_device(cfg.run.device)
+    models = {name: m.to(device) for name, m in models.items()}
+    x, y = data.test.x[:samples].to(device), data.test.y[:samples].to(device)
     try:
         with Tracker("defense", experiment=cfg.run.experiment, run_name="verify") as tr:
             rows = verify_report(models, x, y, eps_list, norm_list, method_list)

@@ -201,13 +201,19 @@ def _query_fn(raw: Callable[[torch.Tensor], Any], *, who: str, input_shape: tupl
     return query
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where the module's tensors live (None: it has none)."""
+    first = next(iter(module.parameters()), None)
+    first = next(iter(module.buffers()), None) if first is None else first
+    return None if first is None else first.device
+
+
 def _module_runner(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Runs ``module`` on the input's device (moving it there on first use)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        first = next(iter(module.parameters()), None)
-        first = next(iter(module.buffers()), None) if first is None else first
-        if first is not None and first.device != x.device:
+        device = _device_of(module)
+        if device is not None and device != x.device:
             module.to(x.device)
         return module(x)
 
@@ -218,7 +224,7 @@ def _probe(module: nn.Module, who: str, data_shape: tuple[int, ...], num_classes
     """One local (uncounted) forward of a zero image: the module must give ``[1, K]`` logits; returns K."""
     try:
         with torch.no_grad():
-            out = module(torch.zeros(1, *data_shape))
+            out = module(torch.zeros(1, *data_shape, device=_device_of(module)))
     except Exception as exc:
         raise TargetError(f"{who} fails on a [1, {', '.join(map(str, data_shape))}] image: "
                           f"{type(exc).__name__}: {_one_line(exc)}") from None

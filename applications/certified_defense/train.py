@@ -75,6 +75,7 @@ class DefenseExperiment(Experiment):
             if self.target.white_box is None:
                 raise ValueError("optim.method=fo-ds backpropagates through the classifier, but this target is "
                                  "query-only; use zo-ds or zo-ae-ds, or a checkpoint/trained target")
+            self.target.white_box.to(self.device)        # backprop runs through it, beside D
             for p in self.target.white_box.parameters():
                 p.requires_grad_(False)
         # the training black box: budget and max_batch from the config; evaluation has its own counter
@@ -233,7 +234,7 @@ class DefenseExperiment(Experiment):
             logits = self.box(self.ae.decode(zb))
             return F.cross_entropy(logits, y.repeat(zb.shape[0] // B), reduction="none")
 
-        gen = torch.Generator().manual_seed(cfg.run.seed * 7_919 + self.step)
+        gen = torch.Generator(device=z.device).manual_seed(cfg.run.seed * 7_919 + self.step)
         d = z[0].numel()
         return input_space_backward(per_sample_loss, z, method=cfg.ae.zo, mu=cfg.zo.mu, q=cfg.zo.q or d,
                                     central=cfg.ae.zo == "cge", chunk=cfg.zo.objective_batch, generator=gen)
@@ -293,8 +294,8 @@ def target_from_config(cfg: DefenseConfig, data: Dataset):
     if t.source == "train":
         full = load_dataset(cfg.data.name, cfg.data.data_root, image_size=cfg.data.image_size, normalize=False)
         model, _ = train_target(full, arch=t.arch, depth=t.depth, width=t.width, epochs=t.epochs, lr=t.lr,
-                                batch_size=32, seed=cfg.run.seed)
-        return target_from_module(model, data_shape=data.input_shape, num_classes=data.num_classes,
+                                batch_size=32, seed=cfg.run.seed, device=resolve_device(cfg.run.device))
+        return target_from_module(model.cpu(), data_shape=data.input_shape, num_classes=data.num_classes,
                                   labels_only=t.labels_only, description=f"a {t.arch} trained here")
     try:
         return load_target(t.source, data_shape=data.input_shape, num_classes=data.num_classes,

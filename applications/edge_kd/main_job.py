@@ -102,7 +102,7 @@ def run_pipeline(cfg: KDAppConfig, *, progress: bool) -> int:
         histories[name] = out.history
         exported["teacher_test_accuracy"] = exp.teacher_test_accuracy
         if name == export_cell:
-            exported["model"] = exp.model
+            exported["model"] = copy.deepcopy(exp.model).cpu()      # exported and timed on the CPU
         last = out.history[-1]
         row = {"method": cell.optim.method, "policy": cell.halting.policy, "test_accuracy": last["test_accuracy"],
                "val_accuracy": last["val_accuracy"], "train_flops": last["train_flops"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -162,7 +163,12 @@ def _takes_nothing(fn: Callable) -> bool:
 
 
 def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` without autograd; a module runs on its input's device (moved there when it changes)."""
     def query(x: torch.Tensor) -> torch.Tensor:
+        if isinstance(fn, nn.Module):
+            first = next(itertools.chain(fn.parameters(), fn.buffers()), None)
+            if first is not None and first.device != x.device:
+                fn.to(x.device)
         with torch.no_grad():
             return fn(x)
 

@@ -181,7 +181,7 @@ class KDExperiment(Experiment):
     # -- helpers ---------------------------------------------------------------------------------
     def _ratios(self) -> dict[str, float] | None:
         k = self.cfg.zo.grasp_per_class * self.data.num_classes
-        x, y = self.data.train.x[:k], self.data.train.y[:k]
+        x, y = self.data.train.x[:k].to(self.device), self.data.train.y[:k].to(self.device)
         return sparsity_ratios(self.cfg.zo, self.model, F.cross_entropy, x, y, seed=self.cfg.run.seed)
 
     def _lr_scale(self) -> float:
@@ -336,7 +336,7 @@ class KDExperiment(Experiment):
             self.policy.load_state_dict(state["policy"])
         self.train_flops, self.step_flops = float(state["train_flops"]), float(state["step_flops"])
         self.halted_epoch, self.halt_reason = int(state["halted_epoch"]), str(state["halt_reason"])
-        self.previous = [t.clone() for t in state["previous"]]
+        self.previous = [t.to(self.device).clone() for t in state["previous"]]
         if int(state["frozen"]):
             self._freeze(int(state["frozen"]))
         self.measured = int(state["measured"])
