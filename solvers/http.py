@@ -41,6 +41,32 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
+class BridgeHandler(BaseHTTPRequestHandler):
+    """What every deepzero HTTP server answers alike: quiet logs, JSON replies and errors, ``GET /Info``."""
+
+    def log_message(self, *args) -> None:  # keep the terminal quiet
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _reply(self, status: int, obj: dict[str, Any]) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, status: int, kind: str, message: str) -> None:
+        self._reply(status, {"error": {"type": kind, "message": message}})
+
+    def do_GET(self) -> None:
+        if self.path == "/Info":
+            self._reply(200, {"protocolVersion": 1.0, "models": [MODEL]})
+        else:
+            self._error(404, "UnknownRoute", f"no route GET {self.path}")
+
+
 def make_server(solver, host: str = "127.0.0.1", port: int = 0, *, allow_remote: bool = False) -> ThreadingHTTPServer:
     """An HTTP server exposing ``solver`` (not started: call ``serve_forever`` or use ``serve_in_thread``)."""
     if not allow_remote and not is_loopback(host):
@@ -51,27 +77,7 @@ def make_server(solver, host: str = "127.0.0.1", port: int = 0, *, allow_remote:
     info = {"state_shape": list(solver.state_shape), "dtype": np.dtype(solver.dtype).str,
             "conditions": list(getattr(solver, "conditions", ()))}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # keep the terminal quiet
-            pass
-
-        def _reply(self, status: int, obj: dict[str, Any]) -> None:
-            body = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _error(self, status: int, kind: str, message: str) -> None:
-            self._reply(status, {"error": {"type": kind, "message": message}})
-
-        def do_GET(self) -> None:
-            if self.path == "/Info":
-                self._reply(200, {"protocolVersion": 1.0, "models": [MODEL]})
-            else:
-                self._error(404, "UnknownRoute", f"no route GET {self.path}")
-
+    class Handler(BridgeHandler):
         def do_POST(self) -> None:
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")

@@ -26,12 +26,12 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 
-from solvers.http import MODEL, is_loopback
+from solvers.http import MODEL, BridgeHandler, is_loopback
 from solvers.protocol import Closeable, SolverError
 from solvers.query import QuerySpec
 
@@ -58,29 +58,7 @@ def make_query_server(fn: Callable[[np.ndarray], np.ndarray], spec: QuerySpec, h
     n_in, n_out = int(np.prod(spec.input_shape)), int(np.prod(spec.output_shape))
     info = {**spec.handshake(), "npy": bool(npy)}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # keep the terminal quiet
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _reply(self, status: int, obj: dict[str, Any]) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def _error(self, status: int, kind: str, message: str) -> None:
-            self._reply(status, {"error": {"type": kind, "message": message}})
-
-        def do_GET(self) -> None:
-            if self.path == "/Info":
-                self._reply(200, {"protocolVersion": 1.0, "models": [MODEL]})
-            else:
-                self._error(404, "UnknownRoute", f"no route GET {self.path}")
-
+    class Handler(BridgeHandler):
         def _evaluate(self, x: np.ndarray) -> np.ndarray | None:
             try:
                 x = spec.check_input(x, "server")
