@@ -111,3 +111,23 @@ class BlackBox(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, budget={self.budget}, queries={self.queries}, max_batch={self.max_batch}"
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """Where ``module``'s tensors live (None: it has none)."""
+    first = next(iter(module.parameters()), None)
+    first = next(iter(module.buffers()), None) if first is None else first
+    return None if first is None else first.device
+
+
+def on_input_device(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as a query function that runs on its input's device: the module moves there when
+    the input's device changes (a query-only model asked from a GPU run and from CPU evaluations)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        device = module_device(module)
+        if device is not None and device != x.device:
+            module.to(x.device)
+        return module(x)
+
+    return run

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from core import BlackBox, BudgetExceeded
+from core.blackbox import module_device, on_input_device
 from solvers.http_query import HTTPQuery
 from solvers.protocol import SolverError
 from solvers.query import QuerySpec, SubprocessQuery
@@ -201,30 +202,11 @@ def _query_fn(raw: Callable[[torch.Tensor], Any], *, who: str, input_shape: tupl
     return query
 
 
-def _device_of(module: nn.Module) -> torch.device | None:
-    """Where the module's tensors live (None: it has none)."""
-    first = next(iter(module.parameters()), None)
-    first = next(iter(module.buffers()), None) if first is None else first
-    return None if first is None else first.device
-
-
-def _module_runner(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Runs ``module`` on the input's device (moving it there on first use)."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        device = _device_of(module)
-        if device is not None and device != x.device:
-            module.to(x.device)
-        return module(x)
-
-    return run
-
-
 def _probe(module: nn.Module, who: str, data_shape: tuple[int, ...], num_classes: int | None) -> int:
     """One local (uncounted) forward of a zero image: the module must give ``[1, K]`` logits; returns K."""
     try:
         with torch.no_grad():
-            out = module(torch.zeros(1, *data_shape, device=_device_of(module)))
+            out = module(torch.zeros(1, *data_shape, device=module_device(module)))
     except Exception as exc:
         raise TargetError(f"{who} fails on a [1, {', '.join(map(str, data_shape))}] image: "
                           f"{type(exc).__name__}: {_one_line(exc)}") from None
@@ -279,7 +261,7 @@ def _in_process(module: nn.Module | None, fn: Callable[..., Any] | None, *, who:
         white_box = module.eval()
         box_module = copy.deepcopy(module).eval().requires_grad_(False)
         num_classes = _probe(box_module, who, data_shape, num_classes)
-        fn = _module_runner(box_module)
+        fn = on_input_device(box_module)
     elif num_classes is None:
         raise ValueError(f"{who} is a plain function: give num_classes")
     query = _query_fn(fn, who=who, input_shape=data_shape, num_classes=num_classes, emits_labels=False,

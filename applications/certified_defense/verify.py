@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from applications.certified_defense.lirpa_compat import import_auto_lirpa
+from core.estimators.precision import ieee_float32
 from core.models import Normalize
 
 __all__ = ["METHODS", "NORMS", "margin_lower_bounds", "margin_spec", "pgd_accuracy", "pgd_attack",
@@ -343,9 +344,20 @@ def verify_report(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     breaks means an unsound bound, a bug (for ℓ2 the verified ball contains PGD's clipped one).
     ``on_violation="raise"`` raises ``RuntimeError`` naming the rows; ``"flag"`` sets
     ``consistent=False`` in the row instead.
+
+    Every product runs in full float32 (:func:`core.estimators.precision.ieee_float32`): a GPU's
+    default TF32 convolutions would make the bounds, and with them "verified", unsound.
     """
     if on_violation not in ("raise", "flag"):
         raise ValueError(f"on_violation must be 'raise' or 'flag'; got {on_violation!r}")
+    with ieee_float32():
+        return _verify_rows(models, x, y, eps_list, norms, methods, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
+                            alpha_iterations=alpha_iterations, seed=seed, on_violation=on_violation)
+
+
+def _verify_rows(models, x, y, eps_list, norms, methods, *, pgd_steps, pgd_restarts, alpha_iterations, seed,
+                 on_violation) -> list[dict[str, Any]]:
+    """:func:`verify_report`'s rows (its arguments, checked)."""
     for n in norms:
         _check_norm(n)
     for m in methods:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import itertools
 import os
 import re
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.blackbox import BlackBox, BudgetExceeded
+from core.blackbox import BlackBox, BudgetExceeded, on_input_device
 from core.runtime.errors import UserError
 
 _IMPORT = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -164,13 +163,11 @@ def _takes_nothing(fn: Callable) -> bool:
 
 def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """``fn`` without autograd; a module runs on its input's device (moved there when it changes)."""
+    run = on_input_device(fn) if isinstance(fn, nn.Module) else fn
+
     def query(x: torch.Tensor) -> torch.Tensor:
-        if isinstance(fn, nn.Module):
-            first = next(itertools.chain(fn.parameters(), fn.buffers()), None)
-            if first is not None and first.device != x.device:
-                fn.to(x.device)
         with torch.no_grad():
-            return fn(x)
+            return run(x)
 
     return query
 

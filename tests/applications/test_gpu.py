@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from tests.core.runtime.test_launch import linux_only
 from tests.helpers import deepzero
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -26,25 +27,33 @@ def test_classify_trains_and_resumes_on_a_gpu(tmp_path):
     assert load_checkpoint(ckpt)["epoch"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@linux_only
 def test_two_nccl_ranks_train_and_a_hung_rank_stops_the_run_in_one_line(tmp_path):
-    from tests.core.runtime.test_launch import _interrupt_rank, _stop_line
+    from tests.core.runtime.test_launch import _interrupt_rank
 
     proc, _, took = _interrupt_rank(tmp_path, 1, signal.SIGSTOP, "--device", "cuda", "--dist-timeout", "5",
                                     env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"})
-    line = _stop_line(proc)                  # NCCL's blocking wait: a Python error in rank 0, not SIGABRT
-    assert "lost contact with rank 1" in line and "the checkpoint of epoch 1 is kept" in line, line
-    assert took < 5 + 3 + 25, took
+    # NCCL's blocking wait: a Python error in rank 0 and the stop line, not the watchdog's SIGABRT (NCCL's
+    # own log lines may come before it)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert any("lost contact with rank 1" in line and "the checkpoint of epoch 1 is kept" in line
+               for line in proc.stderr.splitlines()), proc.stderr
+    assert "--resume" in proc.stderr and took < 5 + 3 + 25, took
 
 
 def test_defense_runs_certifies_and_verifies_on_a_gpu(tmp_path):
     proc = deepzero("defense", "run", "--preset", "smoke", "--device", "cuda", "--no-progress", home=tmp_path,
                     timeout=900)
     assert proc.returncode == 0, proc.stderr
+    from core.runtime.checkpoint import load_checkpoint
+
     (target,) = (tmp_path / "runs" / "defense").rglob("target-*.pt")
-    denoiser = sorted((tmp_path / "runs" / "defense").glob("*/checkpoint.pt"))[0]
-    for verb in (["certify", str(denoiser), "--target", str(target), "--no-progress"],
-                 ["verify", "--target", str(target), "--samples", "2"]):
+    denoisers = {load_checkpoint(p)["config"]["optim"]["method"]: p
+                 for p in (tmp_path / "runs" / "defense").glob("*/checkpoint.pt")}
+    for verb in (["certify", str(denoisers["zo-ae-ds"]), "--target", str(target), "--no-progress"],
+                 ["verify", "--target", str(target), "--denoiser", str(denoisers["zo-ds"]), "--samples", "2"]):
         out = deepzero("defense", *verb, "--preset", "smoke", "--device", "cuda", home=tmp_path, timeout=600)
         assert out.returncode == 0, (verb, out.stderr)
 

@@ -269,6 +269,33 @@ def test_report_flags_or_raises_an_unsound_bound(monkeypatch):
     assert rows[0]["consistent"] is False
 
 
+def test_bounds_and_attacks_run_in_full_float32_whatever_the_user_set(monkeypatch):
+    """A GPU's default TF32 convolutions would make a bound, and "verified", unsound: the whole report
+    runs with float32 in full precision, and the user's settings come back."""
+    import applications.certified_defense.verify as verify
+    from core.estimators.precision import _backends, restore, snapshot
+
+    seen = []
+    real = verify.verified_accuracy
+
+    def watched(*args, **kwargs):
+        seen.append({flag.fp32_precision for flag in _backends()})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "verified_accuracy", watched)
+    model = _classifier()
+    x, y = _data(model, n=4)
+    saved = snapshot()
+    try:
+        torch.set_float32_matmul_precision("high")
+        before = [flag.fp32_precision for flag in _backends()]
+        verify.verify_report({"m": model}, x, y, [0.05], ("inf",), ("IBP",), pgd_steps=2)
+        assert seen == [{"ieee"}]
+        assert [flag.fp32_precision for flag in _backends()] == before
+    finally:
+        restore(saved)
+
+
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_pgd_stays_in_the_ball_and_is_seeded(norm):
     model = _classifier()

@@ -142,7 +142,7 @@ def _runs(home):
     (["train.unroll=1,2,4", "optim.epochs=2"], "3 unroll lengths for 2 epochs"),
     (["solver.family=wake", "data.train_sims=8"], "data.train_sims <= 6"),
     (["run.device=cuda"], "run.device=cuda: the PDE app runs on the CPU"),       # not ignored
-    (["run.device=cuda:1"], "run.device=cuda:1: the PDE app runs on the CPU"),
+    (["run.device=auto"], "run.device=auto: the PDE app runs on the CPU"),
 ])
 def test_config_mistakes_name_the_key(overrides, needle):
     from applications.pde_correction.config import PRESET_DIR, PDEConfig
