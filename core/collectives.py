@@ -43,12 +43,12 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     ``timeout`` (seconds) bounds every collective: a rank that waits longer for the others raises
     :class:`RankLost`. Returns False (and does nothing) outside torchrun or for a world of 1.
 
-    NCCL runs with blocking waits (``TORCH_NCCL_BLOCKING_WAIT=1`` unless it or ``NCCL_BLOCKING_WAIT`` is set): a collective
-    then returns only when it is complete, and one past the timeout raises in the waiting rank's
-    own thread, where it becomes :class:`RankLost` and a clean stop. By default NCCL only queues the
-    collective, and its watchdog thread ends a timed-out process with SIGABRT (no stop line, no
-    blame). The ranks read every collective's result on the host at once anyway, so the
-    blocking wait costs nothing here.
+    NCCL runs with blocking waits (``TORCH_NCCL_BLOCKING_WAIT=1`` unless it or ``NCCL_BLOCKING_WAIT``
+    is set): a collective then returns only when it is complete, and one past the timeout raises in
+    the waiting rank's own thread, where it becomes :class:`RankLost` and a clean stop. By default
+    NCCL only queues the collective, and its watchdog thread ends a timed-out process with SIGABRT
+    (no stop line, no blame). The ranks read every collective's result on the host at once anyway,
+    so the blocking wait costs nothing here.
     """
     if torchrun_world_size() <= 1:
         return False
@@ -61,7 +61,7 @@ def init_from_env(*, device: torch.device | str = "cpu", timeout: float = 300.0)
     if device.type == "cuda":
         backend = "nccl"
         torch.cuda.set_device(rank_gpu(device))
-        if not {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"} & set(os.environ):   # the user's choice stands
+        if not {"TORCH_NCCL_BLOCKING_WAIT", "NCCL_BLOCKING_WAIT"} & set(os.environ):   # else the user's
             os.environ["TORCH_NCCL_BLOCKING_WAIT"] = "1"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True
@@ -79,8 +79,8 @@ def rank_gpu(device: torch.device) -> int:
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if device.index is not None and per_machine > 1:
-        raise ValueError(f"device {device} names one GPU, but each of the {per_machine} processes on this machine "
-                         "takes its own (process i: GPU i); give the device as 'cuda'")
+        raise ValueError(f"device {device} names one GPU, but each of the {per_machine} processes on this "
+                         "machine takes its own (process i: GPU i); give the device as 'cuda'")
     gpu = local if device.index is None else device.index
     if gpu >= count:
         raise ValueError(f"with a CUDA device each process takes one GPU, and this machine has {count}: "

@@ -97,8 +97,9 @@ def certify_front(cfg: DefenseConfig, target, front: nn.Module | None, test, out
     classify, box = smoothed_classifier(cfg, target, front)
     smooth = Smooth(classify, target.num_classes, c.sigma, labels_only=target.labels_only)
     with user_errors():
-        rows = certify_split(smooth, test.x.to(device), test.y, out, n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch,
-                             skip=c.skip, max_examples=c.max or None, seed=cfg.run.seed, progress=progress)
+        rows = certify_split(smooth, test.x.to(device), test.y, out, n0=c.n0, n=c.n, alpha=c.alpha,
+                             batch_size=c.batch, skip=c.skip, max_examples=c.max or None, seed=cfg.run.seed,
+                             progress=progress)
     metrics = summary(rows, radii(c.radii))
     metrics["certify_queries"] = float(box.queries)
     return rows, metrics

@@ -66,7 +66,7 @@ def train_target(data, *, arch: str = "cnn", epochs: int = 3, lr: float = 1e-2, 
     takes = inspect.signature(ARCHS[arch]).parameters if arch in ARCHS else wanted
     kwargs = {k: v for k, v in wanted.items() if k in takes}
     gpu = torch.device(device)
-    with torch.random.fork_rng(devices=[gpu] if gpu.type == "cuda" else []):    # manual_seed seeds the GPUs too
+    with torch.random.fork_rng(devices=[gpu] if gpu.type == "cuda" else []):   # manual_seed seeds GPUs too
         torch.manual_seed(seed)
         model = with_normalize(build_model(arch, **kwargs), (data.mean, data.std)).to(device)
     gen = torch.Generator().manual_seed(seed)

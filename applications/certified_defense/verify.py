@@ -351,8 +351,9 @@ def verify_report(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
     if on_violation not in ("raise", "flag"):
         raise ValueError(f"on_violation must be 'raise' or 'flag'; got {on_violation!r}")
     with ieee_float32():
-        return _verify_rows(models, x, y, eps_list, norms, methods, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts,
-                            alpha_iterations=alpha_iterations, seed=seed, on_violation=on_violation)
+        return _verify_rows(models, x, y, eps_list, norms, methods, pgd_steps=pgd_steps,
+                            pgd_restarts=pgd_restarts, alpha_iterations=alpha_iterations, seed=seed,
+                            on_violation=on_violation)
 
 
 def _verify_rows(models, x, y, eps_list, norms, methods, *, pgd_steps, pgd_restarts, alpha_iterations, seed,

@@ -95,8 +95,8 @@ class PDEConfig:
         check_choice("train.optimizer", self.train.optimizer, ("adam", "sgd"))
         validate_blocks(self, methods=("zo-cge", "zo-rge", "zo-mezo", "fo"))
         if self.run.device.split(":")[0].strip() != "cpu":
-            raise UserError(f"run.device={self.run.device}: the PDE app runs on the CPU (its solvers step NumPy "
-                            "arrays between the corrector's calls); use --device cpu")
+            raise UserError(f"run.device={self.run.device}: the PDE app runs on the CPU (its solvers step "
+                            "NumPy arrays between the corrector's calls); use --device cpu")
         if self.zo.sparsity > 0 and self.zo.ratios == "zo-grasp":
             raise UserError("zo.ratios=zo-grasp scores a classifier's loss; for a corrector use zo.ratios=random, "
                             "magnitude or a ratios JSON file (or zo.sparsity=0)")

@@ -170,7 +170,8 @@ class Experiment:
         return {"app": self.app, "config": dataclasses.asdict(self.cfg), "epoch": self.epoch, "step": self.step,
                 "model": sd(self.model), "model_spec": self.model_spec, "optimizer": sd(self.optimizer),
                 "scheduler": sd(self.scheduler), "estimator": sd(self.estimator), "plan": sd(self.plan),
-                "ratios": self.ratios, "rng": get_rng_state(self.device), "history": self.history, "wall_time_s": self.wall,
+                "ratios": self.ratios, "rng": get_rng_state(self.device), "history": self.history,
+                "wall_time_s": self.wall,
                 "fo_queries": self.fo_queries, "mlflow_run_id": run_id,
                 "blackboxes": {n: {**b.query_state(), "lost": self._lost.get(n, 0)}
                                for n, b in self.blackboxes().items()},
