@@ -358,7 +358,7 @@ def verify_report(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Ten
 
 def _verify_rows(models, x, y, eps_list, norms, methods, *, pgd_steps, pgd_restarts, alpha_iterations, seed,
                  on_violation) -> list[dict[str, Any]]:
-    """:func:`verify_report`'s rows (its arguments, checked)."""
+    """The body of :func:`verify_report`, run inside its full-precision block."""
     for n in norms:
         _check_norm(n)
     for m in methods:
