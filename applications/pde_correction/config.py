@@ -94,7 +94,7 @@ class PDEConfig:
         check_choice("train.mode", self.train.mode, MODES)
         check_choice("train.optimizer", self.train.optimizer, ("adam", "sgd"))
         validate_blocks(self, methods=("zo-cge", "zo-rge", "zo-mezo", "fo"))
-        if self.run.device.split(":")[0].strip() != "cpu":
+        if _not_the_cpu(self.run.device):
             raise UserError(f"run.device={self.run.device}: the PDE app runs on the CPU (its solvers step "
                             "NumPy arrays between the corrector's calls); use --device cpu")
         if self.zo.sparsity > 0 and self.zo.ratios == "zo-grasp":
@@ -151,6 +151,19 @@ class PDEConfig:
         """m for ``epoch`` under the curriculum: the epochs split evenly over the listed m."""
         m, total = self.unroll, max(1, self.optim.epochs)
         return m[min(len(m) - 1, epoch * len(m) // total)]
+
+
+def _not_the_cpu(device: str) -> bool:
+    """``auto`` or a device name PyTorch knows other than the CPU (an unknown name is left to the
+    runtime's own one-line error)."""
+    import torch
+
+    if device.strip() == "auto":
+        return True
+    try:
+        return torch.device(device).type != "cpu"
+    except RuntimeError:
+        return False
 
 
 def unroll_list(text: Any) -> list[int]:
