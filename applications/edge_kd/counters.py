@@ -124,5 +124,6 @@ def peak_activation_bytes(model, input_shape: Sequence[int], bytes_per_param: in
 def _device(model):
     import torch
 
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    from core.blackbox import module_device
+
+    return module_device(model) or torch.device("cpu")

@@ -19,6 +19,7 @@ no longer reaches it (PyTorch offers no way to unset a flag).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,14 +30,15 @@ _FLAGS = (("cuda", "matmul"), ("cudnn", "conv"), ("cudnn", "rnn"),
           ("mkldnn", "matmul"), ("mkldnn", "conv"), ("mkldnn", "rnn"))
 
 
-def _backends() -> list[Any]:
+@functools.cache
+def _backends() -> tuple[Any, ...]:
     """The objects whose ``fp32_precision`` decides float32 math (those this PyTorch build has)."""
     found = []
     for name, op in _FLAGS:
         flag = getattr(getattr(torch.backends, name, None), op, None)
         if flag is not None and hasattr(flag, "fp32_precision"):
             found.append(flag)
-    return found
+    return tuple(found)
 
 
 def _read(get: Callable[[], Any]) -> Any:

@@ -14,6 +14,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _gpu(device: Any) -> torch.device | None:
+    """``device`` when it is a CUDA device, else None."""
+    device = torch.device(device) if device is not None else None
+    return device if device is not None and device.type == "cuda" else None
+
+
 def get_rng_state(device: Any = None) -> dict[str, Any]:
     """RNG states in a form ``torch.load(weights_only=True)`` accepts (tensors and plain Python values).
 
@@ -27,9 +33,9 @@ def get_rng_state(device: Any = None) -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+    gpu = _gpu(device)
+    if gpu is not None:
+        state["cuda"] = torch.cuda.get_rng_state(gpu)
     return state
 
 
@@ -41,9 +47,8 @@ def set_rng_state(state: dict[str, Any], device: Any = None) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    device = torch.device(device) if device is not None else None
-    cuda = state.get("cuda")
+    gpu, cuda = _gpu(device), state.get("cuda")
     if isinstance(cuda, (list, tuple)):        # older checkpoints: one state per GPU then visible; GPU 0's
         cuda = cuda[0] if cuda else None
-    if cuda is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
+    if cuda is not None and gpu is not None:
+        torch.cuda.set_rng_state(cuda, gpu)
